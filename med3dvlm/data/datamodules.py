@@ -1,0 +1,251 @@
+"""Datasets and LightningDataModules over M3D-Cap and M3D-VQA samples.
+
+A batch from the default collate (``collate_samples``) is a dict:
+``image`` FloatTensor ``(B, 1, D, H, W)``; ``prompt``, ``answer``, ``task``, ``question_type``,
+``answer_choice``, ``image_path``, ``source``: lists of length B (``question_type`` /
+``answer_choice`` entries may be None). Stages that need token ids pass their own ``collate_fn``
+(a picklable callable ``list[dict] -> batch``, e.g. an instance of a module-level class holding the
+tokenizer, so worker processes can receive it). It gets the per-sample dicts above, with ``None``
+for a skipped sample; ``drop_skipped`` removes those.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from med3dvlm.data.errors import DataError
+from med3dvlm.data.m3d import OnBadSample, SkippedSample, check_on_bad_sample, read_task_split
+from med3dvlm.data.samples import TASKS, Sample
+from med3dvlm.data.transforms import IMAGE_KEY, eval_transforms, train_transforms
+from med3dvlm.data.volumes import load_volume
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+TEXT_KEYS = ("prompt", "answer", "task", "question_type", "answer_choice", "image_path", "source")
+BATCH_KEYS = (IMAGE_KEY, *TEXT_KEYS)
+
+# SPEC §5: stage 2 (projector pretraining) trains on reports + closed + open VQA;
+# stage 3 (fine-tuning) adds the yes/no questions.
+PRETRAIN_TASKS = ("caption", "vqa_closed", "vqa_open")
+FINETUNE_TASKS = (*PRETRAIN_TASKS, "vqa_yes_no")
+VQA_TASK_BY_MODE = {"closed": "vqa_closed", "open": "vqa_open", "yes_no": "vqa_yes_no"}
+
+Collate = Callable[[list[dict[str, Any] | None]], Any]
+
+
+class VolumeTextDataset(Dataset):
+    """Loads each sample's volume and pairs it with its text.
+
+    With ``on_bad_sample="skip"`` a volume that fails to load yields ``None`` (dropped by the
+    collate), is logged and counted in ``skipped``. The count is per process: with worker
+    processes each worker counts its own, so the log lines are the complete record.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        on_bad_sample: OnBadSample = "error",
+    ) -> None:
+        check_on_bad_sample(on_bad_sample)
+        self.samples = list(samples)
+        self.transform = transform if transform is not None else eval_transforms()
+        self.on_bad_sample = on_bad_sample
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        sample = self.samples[index]
+        try:
+            volume = load_volume(sample.image_path)
+        except DataError as exc:
+            if self.on_bad_sample == "error":
+                raise type(exc)(f"{exc} (sample {sample.source})") from exc
+            self.skipped += 1
+            logger.warning("skipping sample %s: %s (%d skipped in this process)", sample.source, exc, self.skipped)
+            return None
+        image = self.transform({IMAGE_KEY: volume})[IMAGE_KEY]
+        return {
+            IMAGE_KEY: image,
+            "prompt": sample.prompt,
+            "answer": sample.answer,
+            "task": sample.task,
+            "question_type": sample.question_type,
+            "answer_choice": sample.answer_choice,
+            "image_path": str(sample.image_path),
+            "source": sample.source,
+        }
+
+
+def drop_skipped(items: Sequence[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The items that loaded; skipped samples arrive as ``None``."""
+    return [item for item in items if item is not None]
+
+
+def collate_samples(items: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Stack images to ``(B, 1, D, H, W)``, keep every other key as a list.
+
+    Returns ``None`` when every sample of the batch was skipped; training steps should skip such
+    a batch.
+    """
+    kept = drop_skipped(items)
+    if not kept:
+        return None
+    images = [item[IMAGE_KEY] for item in kept]
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"volumes in one batch differ in shape {sorted(shapes)} "
+            f"(samples {[item['source'] for item in kept]}); set spatial_size to resize them"
+        )
+    batch: dict[str, Any] = {IMAGE_KEY: torch.stack(images)}
+    for key in kept[0]:
+        if key != IMAGE_KEY:
+            batch[key] = [item[key] for item in kept]
+    return batch
+
+
+def seed_worker_transforms(worker_id: int) -> None:
+    """Give each loader worker its own augmentation stream.
+
+    Without it every worker inherits the same MONAI random state and they augment in lockstep.
+    ``worker_info.seed`` derives from torch's seed, so runs stay reproducible under
+    ``seed_everything``.
+    """
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=info.seed % 2**32)
+
+
+class MixtureDataModule(L.LightningDataModule):
+    """Samples of one or more tasks, concatenated per split, under one data root.
+
+    ``tasks`` picks from ``caption`` (M3D-Cap JSON), ``vqa_closed``, ``vqa_open`` (the M3D-VQA
+    CSVs) and ``vqa_yes_no`` (the yes/no CSVs). The paper's VLM stages use
+    ``PRETRAIN_TASKS`` = caption + closed + open (stage 2) and ``FINETUNE_TASKS`` which adds yes/no
+    (stage 3), SPEC §5. Splits are train / validation / test; train is augmented (SPEC §6) and
+    shuffled. ``max_samples`` keeps the first N samples of each task in each split, for quick runs.
+    ``collate_fn`` is the stages' tokenisation hook (default ``collate_samples``). ``seed`` fixes
+    the augmentation stream; by default it follows torch's seed (``seed_everything``).
+    Records skipped while reading are kept in ``skipped_records[split]``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        tasks: Sequence[str] = PRETRAIN_TASKS,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        spatial_size: Sequence[int] | None = None,
+        on_bad_sample: OnBadSample = "error",
+        collate_fn: Collate | None = None,
+        max_samples: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_on_bad_sample(on_bad_sample)
+        tasks = tuple(tasks)
+        unknown = [task for task in tasks if task not in TASKS]
+        if not tasks or unknown or len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks must be distinct names from {TASKS}, got {list(tasks)}")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples must be positive or None, got {max_samples}")
+        self.root = Path(root)
+        self.tasks = tasks
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.spatial_size = None if spatial_size is None else tuple(int(edge) for edge in spatial_size)
+        self.on_bad_sample = on_bad_sample
+        self.collate_fn = collate_fn if collate_fn is not None else collate_samples
+        self.max_samples = max_samples
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.seed = seed
+        self.datasets: dict[str, VolumeTextDataset] = {}
+        self.skipped_records: dict[str, list[SkippedSample]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the splits ``stage`` needs (all three when ``stage`` is None)."""
+        splits_by_stage = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}
+        splits_by_stage["predict"] = splits_by_stage["test"]
+        for split in splits_by_stage.get(stage, SPLITS):
+            self.dataset(split)
+
+    def dataset(self, split: str) -> VolumeTextDataset:
+        """The dataset of ``split``, read on first use."""
+        if split not in self.datasets:
+            self.datasets[split] = self._build_dataset(split)
+        return self.datasets[split]
+
+    def _build_dataset(self, split: str) -> VolumeTextDataset:
+        samples: list[Sample] = []
+        skipped: list[SkippedSample] = []
+        for task in self.tasks:
+            result = read_task_split(self.root, task, split, self.on_bad_sample)
+            samples.extend(result.samples[: self.max_samples])
+            skipped.extend(result.skipped)
+        self.skipped_records[split] = skipped
+        if split == "train":
+            seed = self.seed if self.seed is not None else torch.initial_seed() % 2**32
+            transform = train_transforms(self.spatial_size, seed=seed)
+        else:
+            transform = eval_transforms(self.spatial_size)
+        return VolumeTextDataset(samples, transform, self.on_bad_sample)
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=split == "train",
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=seed_worker_transforms,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class M3DCapDataModule(MixtureDataModule):
+    """M3D-Cap image-report pairs (stage 1, contrastive alignment). Options as ``MixtureDataModule``."""
+
+    def __init__(self, root: str | os.PathLike, **options: Any) -> None:
+        super().__init__(root, tasks=("caption",), **options)
+
+
+class M3DVQADataModule(MixtureDataModule):
+    """One kind of M3D-VQA question: ``mode`` is ``closed``, ``open`` or ``yes_no``.
+
+    Options as ``MixtureDataModule``.
+    """
+
+    def __init__(self, root: str | os.PathLike, mode: str = "closed", **options: Any) -> None:
+        if mode not in VQA_TASK_BY_MODE:
+            raise ValueError(f"mode must be one of {tuple(VQA_TASK_BY_MODE)}, got {mode!r}")
+        super().__init__(root, tasks=(VQA_TASK_BY_MODE[mode],), **options)
+        self.mode = mode

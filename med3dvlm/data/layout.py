@@ -1,0 +1,58 @@
+"""File names, column names and prompt formats of the M3D-Cap / M3D-VQA layout (SPEC §6).
+
+Everything that reads or writes a dataset root (readers, phantom generator, preparation,
+checker) takes these names from here so the layout is defined once.
+"""
+
+from __future__ import annotations
+
+# M3D-Cap: one JSON at the data root, {"train"|"validation"|"test": [{"image": REL, "text": REL}]}.
+CAP_JSON = "M3D_Cap.json"
+CAP_SPLITS = ("train", "validation", "test")
+
+# M3D-VQA: CSVs in a sub-folder of the data root; image paths in them are relative to the root.
+VQA_DIR = "M3D-VQA"
+VQA_CSV = {"train": "M3D_VQA_train.csv", "validation": "M3D_VQA_val.csv", "test": "M3D_VQA_test.csv"}
+VQA_YN_CSV = {
+    "train": "M3D_VQA_yn_train.csv",
+    "validation": "M3D_VQA_yn_val.csv",
+    "test": "M3D_VQA_yn_test.csv",
+}
+# Columns of the closed/open CSVs (SPEC §6). One row serves both a closed and an open question.
+VQA_COLUMNS = (
+    "Image Path",
+    "Text",
+    "Question Type",
+    "Question",
+    "Choice A",
+    "Choice B",
+    "Choice C",
+    "Choice D",
+    "Answer",
+    "Answer Choice",
+)
+# Columns of the yes/no CSVs; "Answer" is "Yes" or "No".
+VQA_YN_COLUMNS = ("Image Path", "Text", "Question Type", "Question", "Answer")
+
+# SPEC §6: question types 1..5.
+QUESTION_TYPES = {1: "Plane", 2: "Phase", 3: "Organ", 4: "Abnormality", 5: "Location"}
+ANSWER_LETTERS = ("A", "B", "C", "D")
+YES_NO_ANSWERS = ("Yes", "No")
+
+# Volume file suffixes the readers understand.
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".npy")
+
+
+def closed_prompt(question: str, choices: dict[str, str]) -> str:
+    """SPEC §6: the question, a space, then ``Choices: A. {a} B. {b} C. {c} D. {d}``."""
+    options = " ".join(f"{letter}. {choices[letter]}" for letter in ANSWER_LETTERS)
+    return f"{question} Choices: {options}"
+
+
+def closed_answer(letter: str, answer: str) -> str:
+    """SPEC §6: closed-ended answer ``"{letter}. {answer}"``."""
+    return f"{letter}. {answer}"
+
+
+# Prompt for report generation. The SPEC gives none; M3D-style, one fixed instruction.
+CAPTION_PROMPT = "Describe the findings of this medical image."

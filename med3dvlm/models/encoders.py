@@ -1,0 +1,100 @@
+"""One factory for the selectable 3D image encoders, and the stage-to-stage hand-off format.
+
+An exported encoder is a folder with ``encoder.json`` (the factory arguments) and
+``model.safetensors`` (the weights); ``build_encoder(pretrained=FOLDER)`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from med3dvlm.models.dcformer import DCFORMER_VARIANTS, DCFormer
+from med3dvlm.models.vit3d import ViT3D
+
+ENCODER_CONFIG_FILE = "encoder.json"
+ENCODER_WEIGHTS_FILE = "model.safetensors"
+# Arguments that change how an encoder runs, not what it computes: free to differ from the export.
+_RUNTIME_ONLY = {"gradient_checkpointing", "dropout"}
+
+
+def build_encoder(name: str = "dcformer", pretrained: str | None = None, **kwargs: Any) -> nn.Module:
+    """``name`` is ``"dcformer"`` (kwargs: variant, ...) or ``"vit3d"`` (kwargs: image_size, ...).
+
+    Every encoder returns a list of token tensors ``(B, N_i, C_i)`` and exposes ``stage_channels``.
+    ``pretrained`` is a folder written by :func:`save_pretrained_encoder` (e.g. stage 1's
+    ``image_encoder/``); its saved architecture must agree with the arguments given here.
+    """
+    if pretrained is not None:
+        return load_pretrained_encoder(pretrained, expected={"name": name, **kwargs})
+    if name == "dcformer":
+        encoder = DCFormer(**kwargs)
+    elif name == "vit3d":
+        encoder = ViT3D(**kwargs)
+    else:
+        variants = ", ".join(DCFORMER_VARIANTS)
+        raise ValueError(f"unknown encoder {name!r}: choose 'dcformer' (variants {variants}) or 'vit3d'")
+    encoder.build_config = {"name": name, **{k: _plain(v) for k, v in kwargs.items()}}
+    return encoder
+
+
+def save_pretrained_encoder(encoder: nn.Module, output_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    config = getattr(encoder, "build_config", None)
+    if config is None:
+        raise ValueError("this encoder was not made by build_encoder, so its architecture cannot be recorded")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else encoder.state_dict()
+    weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tmp = output_dir / (ENCODER_WEIGHTS_FILE + ".tmp")
+    save_file(weights, str(tmp))
+    os.replace(tmp, output_dir / ENCODER_WEIGHTS_FILE)
+    (output_dir / ENCODER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return output_dir
+
+
+def load_pretrained_encoder(path: str | os.PathLike, expected: dict[str, Any] | None = None) -> nn.Module:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / ENCODER_CONFIG_FILE, path / ENCODER_WEIGHTS_FILE
+    for file in (config_file, weights_file):
+        if not file.exists():
+            raise FileNotFoundError(
+                f"{file} not found: `pretrained` must be a folder exported by stage 1 (its image_encoder/ output)"
+            )
+    config = json.loads(config_file.read_text())
+    runtime = {}
+    for key, value in (expected or {}).items():
+        if key in _RUNTIME_ONLY:
+            runtime[key] = value
+        elif key in config and _plain(value) != config[key]:
+            raise ValueError(
+                f"{path}: the saved encoder has {key}={config[key]!r} but the config asks for {value!r}; "
+                "make the encoder config match the export"
+            )
+    build_args = {k: v for k, v in config.items() if k != "name"}
+    build_args.update(runtime)
+    encoder = build_encoder(config["name"], **build_args)
+    encoder.load_state_dict(load_file(str(weights_file)), strict=True)
+    return encoder
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers and tuples -> JSON-friendly lists/dicts, for comparing configs."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,72 @@
+"""Callbacks the training configs use: exact resume and the hand-off to the next stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class RngStateCheckpoint(Callback):
+    """Stores the Python, NumPy and torch random states in every checkpoint and restores them.
+
+    Lightning does not, so without this a resumed run draws different dropout masks than an
+    uninterrupted one and ends with different weights.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        random.setstate(state_dict["python"])
+        np.random.set_state(state_dict["numpy"])
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class ExportImageEncoder(Callback):
+    """Writes the trained image encoder where the next stage loads it (``encoder.pretrained``).
+
+    Layout: ``<output_dir>/encoder.json`` (how to build it) and ``model.safetensors`` (its weights),
+    see :func:`med3dvlm.models.encoders.load_pretrained_encoder`. Written at the end of fit, from
+    the best checkpoint when one exists, so the hand-off is the model that validated best.
+    """
+
+    def __init__(self, output_dir: str, from_best: bool = True) -> None:
+        self.output_dir = output_dir
+        self.from_best = from_best
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from med3dvlm.models.encoders import save_pretrained_encoder
+
+        encoder = pl_module.model.image_encoder
+        state = None
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if self.from_best and best and os.path.exists(best):
+            checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+            prefix = "model.image_encoder."
+            state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        if trainer.is_global_zero:
+            path = save_pretrained_encoder(encoder, self.output_dir, state_dict=state)
+            pl_module.print(f"image encoder saved to {path} (load with encoder.pretrained={path})")
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)

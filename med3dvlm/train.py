@@ -1,0 +1,122 @@
+"""Training entry point: ``python -m med3dvlm.train [experiment=siglip] [key=value ...]``.
+
+Composes ``configs/train.yaml`` with Hydra, builds the DataModule, the stage's LightningModule,
+callbacks and loggers, then fits and (``test=true``) evaluates the best checkpoint. Outputs go to the
+Hydra run dir (``hydra.run.dir=...`` or ``paths.log_dir=...`` move them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from med3dvlm.resolvers import register_resolvers
+
+log = logging.getLogger(__name__)
+CONFIG_PATH = "pkg://med3dvlm.configs"
+# Stored in every checkpoint so `python -m med3dvlm.eval ckpt_path=...` can rebuild the model.
+CONFIG_CHECKPOINT_KEY = "med3dvlm_config"
+
+register_resolvers()
+
+
+def prepare_data(cfg: DictConfig) -> None:
+    """Generate the phantom dataset once when the data config asks for it."""
+    phantom = cfg.data.get("phantom")
+    if not phantom:
+        return
+    from med3dvlm.data.phantoms import ensure_phantom_dataset
+
+    root = cfg.data.datamodule.root
+    ensure_phantom_dataset(root, num_cases=phantom.num_cases, shape=tuple(phantom.shape), seed=phantom.seed)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (callbacks, loggers); skip nulls."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            raise FileNotFoundError(
+                f"ckpt_path=last but {last} does not exist; to resume a run, point hydra.run.dir at that run's folder"
+            )
+        return str(last)
+    if not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+    return ckpt_path
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]):
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, then test; returns the metrics (used by Hydra sweeps and tests)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from med3dvlm.stages.callbacks import write_json
+
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = cfg.paths.output_dir
+    prepare_data(cfg)
+
+    log.info("building datamodule <%s>", cfg.data.datamodule._target_)
+    datamodule = hydra.utils.instantiate(cfg.data.datamodule)
+    log.info("building model <%s>", cfg.model._target_)
+    module = hydra.utils.instantiate(cfg.model)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    class StoreConfig(Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            checkpoint[CONFIG_CHECKPOINT_KEY] = resolved
+
+    callbacks = instantiate_group(cfg.get("callbacks")) + [StoreConfig()]
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = build_trainer(cfg, callbacks, loggers)
+
+    metrics: dict[str, Any] = {}
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    if cfg.get("test", False):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        ckpt = best if best and not cfg.trainer.get("fast_dev_run") else None
+        if ckpt is None:
+            log.warning("no best checkpoint: testing the current weights")
+        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        report = getattr(module, "test_report", None)
+        if callable(report) and trainer.is_global_zero:
+            summary = report()
+            write_json(Path(output_dir) / summary["file"], summary["results"])
+            print(summary["table"])
+            log.info("test results written to %s", Path(output_dir) / summary["file"])
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    monitor = cfg.get("monitor")
+    if monitor and monitor.get("metric") in metrics:
+        return metrics[monitor.metric]  # the value Hydra sweepers optimise
+    return None
+
+
+if __name__ == "__main__":
+    main()

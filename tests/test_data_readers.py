@@ -1,0 +1,155 @@
+"""Readers and volume I/O on valid data; expected strings are SPEC §6 written out literally."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from med3dvlm.data import (
+    load_volume,
+    read_cap_json,
+    read_task_split,
+    read_vqa_csv,
+    read_vqa_yes_no_csv,
+    save_volume,
+)
+from med3dvlm.data.m3d import parse_question_type
+
+
+# ------------------------------------------------------------------ volumes
+
+
+def test_nifti_is_transposed_from_file_xyz_to_dhw(tmp_path):
+    xyz = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)  # (x, y, z) = (W, H, D)
+    path = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(xyz, affine=np.eye(4)), path)
+
+    volume = load_volume(path)
+
+    assert volume.shape == (1, 4, 5, 6)
+    assert volume.dtype == np.float32
+    for d, h, w in [(0, 0, 0), (3, 1, 5), (2, 4, 1)]:
+        assert volume[0, d, h, w] == xyz[w, h, d]
+
+
+def test_nifti_with_trailing_singleton_axis_is_accepted(tmp_path):
+    xyzt = np.random.default_rng(0).random((6, 5, 4, 1), dtype=np.float32)
+    path = tmp_path / "volume.nii"
+    nib.save(nib.Nifti1Image(xyzt, affine=np.eye(4)), path)
+    assert np.array_equal(load_volume(path)[0], xyzt[..., 0].transpose(2, 1, 0))
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6), (1, 4, 5, 6)])
+def test_npy_accepts_dhw_and_channel_first(tmp_path, shape):
+    array = np.random.default_rng(0).random(shape).astype(np.float64)
+    path = tmp_path / "volume.npy"
+    np.save(path, array)
+    volume = load_volume(path)
+    assert volume.shape == (1, 4, 5, 6) and volume.dtype == np.float32
+    assert np.allclose(volume.reshape(-1), array.reshape(-1))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".npy"])
+@pytest.mark.parametrize("channel_first", [False, True])
+def test_save_volume_round_trips(tmp_path, suffix, channel_first):
+    dhw = np.random.default_rng(1).random((4, 5, 6), dtype=np.float32)
+    path = tmp_path / "sub" / f"volume{suffix}"
+    save_volume(dhw[None] if channel_first else dhw, path)
+    save_volume(dhw, path)  # overwriting goes through the same atomic replace
+    assert np.array_equal(load_volume(path), dhw[None])
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary left behind
+
+
+def test_saved_nifti_stores_released_xyz_layout(tmp_path):
+    path = save_volume(np.zeros((4, 5, 6), dtype=np.float32), tmp_path / "volume.nii.gz")
+    assert nib.load(path).shape == (6, 5, 4)
+
+
+# ------------------------------------------------------------------ M3D-Cap
+
+
+def test_read_cap_json(tiny_m3d_root):
+    result = read_cap_json(tiny_m3d_root, "train")
+
+    assert result.skipped == []
+    assert [s.source for s in result.samples] == [f"M3D_Cap.json:train[{i}]" for i in range(4)]
+    first = result.samples[0]
+    assert first.image_path == tiny_m3d_root / "volumes/case0.nii.gz"
+    assert first.answer == "Findings for case 0. Liver normal."
+    assert first.prompt == "Describe the findings of this medical image."
+    assert first.task == "caption"
+    assert first.question_type is None and first.answer_choice is None
+    assert result.samples[1].image_path == tiny_m3d_root / "volumes/case1.npy"
+    assert len(read_cap_json(tiny_m3d_root, "validation").samples) == 2
+
+
+# ------------------------------------------------------------------ M3D-VQA
+
+
+def test_read_vqa_closed_follows_spec_format(tiny_m3d_root):
+    result = read_vqa_csv(tiny_m3d_root / "M3D-VQA/M3D_VQA_train.csv", tiny_m3d_root, "closed")
+
+    assert len(result.samples) == 8 and result.skipped == []
+    plane, organ = result.samples[:2]
+    assert plane.prompt == "What plane is this? Choices: A. Axial B. Coronal C. Sagittal D. Oblique"
+    assert plane.answer == "A. Axial"
+    assert plane.answer_choice == "A"
+    assert plane.question_type == "Plane"
+    assert plane.task == "vqa_closed"
+    assert plane.source == "M3D_VQA_train.csv:row 2"
+    assert plane.image_path == tiny_m3d_root / "volumes/case0.nii.gz"
+    assert organ.prompt == "Which organ is abnormal? Choices: A. Liver B. Kidney C. Spleen D. Lung"
+    assert organ.answer == "B. Kidney"
+    assert organ.question_type == "Organ"
+    assert organ.source == "M3D_VQA_train.csv:row 3"
+
+
+def test_read_vqa_open_uses_question_and_answer_text(tiny_m3d_root):
+    result = read_vqa_csv(tiny_m3d_root / "M3D-VQA/M3D_VQA_train.csv", tiny_m3d_root, "open")
+
+    plane = result.samples[0]
+    assert plane.prompt == "What plane is this?"
+    assert plane.answer == "Axial"
+    assert plane.task == "vqa_open"
+    assert plane.answer_choice is None
+    assert plane.question_type == "Plane"
+
+
+def test_read_vqa_yes_no_normalises_answers(tiny_m3d_root):
+    result = read_vqa_yes_no_csv(tiny_m3d_root / "M3D-VQA/M3D_VQA_yn_train.csv", tiny_m3d_root)
+
+    assert [s.answer for s in result.samples] == ["Yes", "No", "Yes", "No"]
+    assert {s.prompt for s in result.samples} == {"Is there a lesion?"}
+    assert {s.task for s in result.samples} == {"vqa_yes_no"}
+    assert {s.question_type for s in result.samples} == {"Abnormality"}
+
+
+@pytest.mark.parametrize(
+    "value, name",
+    [
+        ("1", "Plane"),
+        ("2", "Phase"),
+        ("3.0", "Organ"),
+        (" 4 ", "Abnormality"),
+        ("5", "Location"),
+        ("location", "Location"),
+    ],
+)
+def test_question_type_accepts_numbers_and_names(value, name):
+    assert parse_question_type(value, "file.csv: row 2") == name
+
+
+@pytest.mark.parametrize(
+    "task, split, expected_source",
+    [
+        ("caption", "test", "M3D_Cap.json:test[0]"),
+        ("vqa_closed", "validation", "M3D_VQA_val.csv:row 2"),
+        ("vqa_open", "test", "M3D_VQA_test.csv:row 2"),
+        ("vqa_yes_no", "validation", "M3D_VQA_yn_val.csv:row 2"),
+    ],
+)
+def test_read_task_split_finds_each_file(tiny_m3d_root, task, split, expected_source):
+    result = read_task_split(tiny_m3d_root, task, split)
+    assert result.samples[0].source == expected_source
+    assert {s.task for s in result.samples} == {task}
