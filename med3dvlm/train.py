@@ -62,7 +62,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]):
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fit, then test; returns the metrics (used by Hydra sweeps and tests)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
@@ -84,7 +84,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             checkpoint[CONFIG_CHECKPOINT_KEY] = resolved
 
-    callbacks = instantiate_group(cfg.get("callbacks")) + [StoreConfig()]
+    callbacks = instantiate_group(cfg.get("callbacks")) + [StoreConfig(), *(extra_callbacks or [])]
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
 

@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from med3dvlm.data.sampling import EpochIndex, ResumableDataLoader, ResumableSampler, sample_seed
+
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.m3d import OnBadSample, SkippedSample, check_on_bad_sample, read_task_split
 from med3dvlm.data.samples import TASKS, Sample
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 TEXT_KEYS = ("prompt", "answer", "task", "question_type", "answer_choice", "image_path", "source")
-BATCH_KEYS = (IMAGE_KEY, *TEXT_KEYS)
+BATCH_KEYS = (IMAGE_KEY, *TEXT_KEYS, "epoch")
 
 # SPEC §5: stage 2 (projector pretraining) trains on reports + closed + open VQA;
 # stage 3 (fine-tuning) adds the yes/no questions.
@@ -55,9 +57,11 @@ class VolumeTextDataset(Dataset):
         samples: Sequence[Sample],
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         on_bad_sample: OnBadSample = "error",
+        augmentation_seed: int | None = None,
     ) -> None:
         check_on_bad_sample(on_bad_sample)
         self.samples = list(samples)
+        self.augmentation_seed = augmentation_seed
         self.transform = transform if transform is not None else eval_transforms()
         self.on_bad_sample = on_bad_sample
         self.skipped = 0
@@ -65,7 +69,15 @@ class VolumeTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | EpochIndex) -> dict[str, Any] | None:
+        """``key`` is an index, or an :class:`EpochIndex` from a resumable sampler, in which case the
+        augmentation is seeded from (``augmentation_seed``, epoch, index) for exact resumption."""
+        if isinstance(key, tuple):
+            epoch, index = key
+            if self.augmentation_seed is not None and hasattr(self.transform, "set_random_state"):
+                self.transform.set_random_state(seed=sample_seed(self.augmentation_seed, epoch, index))
+        else:
+            epoch, index = 0, key
         sample = self.samples[index]
         try:
             volume = load_volume(sample.image_path)
@@ -85,6 +97,7 @@ class VolumeTextDataset(Dataset):
             "answer_choice": sample.answer_choice,
             "image_path": str(sample.image_path),
             "source": sample.source,
+            "epoch": epoch,
         }
 
 
@@ -200,17 +213,20 @@ class MixtureDataModule(L.LightningDataModule):
             skipped.extend(result.skipped)
         self.skipped_records[split] = skipped
         if split == "train":
-            seed = self.seed if self.seed is not None else torch.initial_seed() % 2**32
-            transform = train_transforms(self.spatial_size, seed=seed)
+            transform = train_transforms(self.spatial_size, seed=self._seed())
         else:
             transform = eval_transforms(self.spatial_size)
-        return VolumeTextDataset(samples, transform, self.on_bad_sample)
+        return VolumeTextDataset(samples, transform, self.on_bad_sample, augmentation_seed=self._seed())
+
+    def _seed(self) -> int:
+        return self.seed if self.seed is not None else torch.initial_seed() % 2**32
 
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
+        dataset = self.dataset(split)
+        return ResumableDataLoader(
+            dataset,
+            ResumableSampler(len(dataset), seed=self._seed(), shuffle=split == "train"),
             batch_size=self.batch_size,
-            shuffle=split == "train",
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
             pin_memory=self.pin_memory,

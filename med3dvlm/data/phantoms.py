@@ -39,6 +39,12 @@ On-disk layout under ``root``::
 Cases 0..n-1 are split in order: the first go to train, then validation, then test. A case's
 attributes depend only on ``(seed, index)``, so a larger dataset extends a smaller one.
 
+API: ``make_phantom_dataset(root, num_cases, shape, seed, volume_format, split_fractions, overwrite)``
+writes (and replaces a previous phantom dataset at ``root``); ``ensure_phantom_dataset(root, ...)``
+with the same parameters writes only if ``root`` does not already hold exactly that dataset (what
+the training configs call, so data is generated once). Both return a ``PhantomDataset`` summary.
+``sample_case``, ``render_volume`` and ``write_case_texts`` expose one case for demos and tests.
+
 Command line (``python -m med3dvlm.data.phantoms --help``)::
 
     --root DIR            dataset root to write (required)
@@ -96,6 +102,7 @@ __all__ = [
     "write_case_texts",
 ]
 
+GENERATOR = "med3dvlm.data.phantoms"  # not __name__: that is "__main__" under `python -m`
 GENERATOR_VERSION = 1
 MARKER_NAME = ".phantom.json"
 CASES_DIR = "ct_case"
@@ -132,8 +139,8 @@ class Ellipsoid:
     semi: tuple[float, float, float]
 
 
-# The fixed atlas. Organs do not overlap the aorta or spine, so a region test on an organ's
-# ellipsoid sees only that organ and its lesions.
+# The fixed atlas. Organ ellipsoids avoid the aorta and spine and are painted after the lungs, so
+# inside one there are only organ intensities (a kidney pole touches the liver tip) and lesions.
 ANATOMY = {
     "right_lung": Ellipsoid((-0.42, 0.08, -1.0), (0.34, 0.42, 0.44)),
     "left_lung": Ellipsoid((0.42, 0.08, -1.0), (0.34, 0.42, 0.44)),
@@ -156,13 +163,14 @@ _ENHANCEMENT = {  # phase -> structure -> intensity
     "portal_venous": {"liver": 0.62, "spleen": 0.60, "cortex": 0.62, "medulla": 0.58, "aorta": 0.72},
 }
 _CYST, _MASS, _MASS_TEXTURE, _CALCIFICATION = 0.20, 0.82, 0.06, 1.0
+_MASS_LOBULATION = 0.12  # relative radius modulation of a mass margin
 _NOISE_STD = 0.02
 # Lesion radii (atlas units) by kind and size; each lesion gets +-10 %.
 _RADIUS = {
     ("cyst", "small"): 0.09, ("cyst", "large"): 0.15,
     ("mass", "small"): 0.09, ("mass", "large"): 0.15,
     ("calcification", "small"): 0.065, ("calcification", "large"): 0.10,
-}  # fmt: skip
+}
 _GAP = 0.06  # minimum gap between lesions, so a count stays countable at low resolution
 _CM_PER_UNIT = 20.0  # nominal field of view 40 cm across [-1, 1], for sizes quoted in reports
 
@@ -172,6 +180,8 @@ _CM_PER_UNIT = 20.0  # nominal field of view 40 cm across [-1, 1], for sizes quo
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Lesion:
+    """A round lesion in atlas coordinates."""
+
     center: tuple[float, float, float]
     radius: float
 
@@ -189,7 +199,7 @@ class PhantomCase:
     size: str
     level: str | None  # upper | lower for a single lesion, else None
     lesions: tuple[Lesion, ...]
-    texture: tuple[float, ...]  # phases and frequencies of the mass texture / margin
+    texture: tuple[float, ...]  # random phases of the mass margin and texture
 
     @property
     def count(self) -> int:
@@ -260,7 +270,7 @@ def _place_lesions(
     center, semi = np.array(organ.center), np.array(organ.semi)
     for k in range(count, 0, -1):
         radii = _RADIUS[(kind, size)] * rng.uniform(0.9, 1.1, size=k)
-        trials = 4096
+        trials = 8192
         core = np.maximum(semi[None, None, :] - 0.7 * radii[None, :, None], 0.02)  # (1, k, 3)
         direction = rng.standard_normal((trials, k, 3))
         direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
@@ -273,10 +283,11 @@ def _place_lesions(
             unit[..., 2] = np.abs(unit[..., 2]) * (-1.0 if level == "upper" else 1.0)
             ok &= np.abs(unit[:, 0, 2]) >= 0.35
         points = center + unit * core  # (trials, k, 3)
+        extent = radii * (1.0 + _MASS_LOBULATION if kind == "mass" else 1.0)
         for i in range(k):
             for j in range(i + 1, k):
                 distance = np.linalg.norm(points[:, i] - points[:, j], axis=-1)
-                ok &= distance >= radii[i] + radii[j] + _GAP
+                ok &= distance >= extent[i] + extent[j] + _GAP
         valid = np.flatnonzero(ok)
         if valid.size:
             chosen = points[valid[0]]
@@ -301,6 +312,10 @@ class _Grid:
         self.shape = shape
         self.axis = {name: i for i, name in enumerate(PLANE_AXES[plane])}
         self.lin = {name: (np.arange(shape[i]) * 2.0 + 1.0) / shape[i] - 1.0 for name, i in self.axis.items()}
+
+    def voxel(self, name: str) -> float:
+        """Voxel size along atlas axis ``name``, in atlas units."""
+        return 2.0 / self.shape[self.axis[name]]
 
     def box(self, lo: Sequence[float], hi: Sequence[float]) -> tuple[slice, ...] | None:
         slices: list[slice] = [slice(None)] * 3
@@ -342,10 +357,10 @@ def _paint(
 ) -> None:
     """Set ``value`` inside an ellipsoid (semi z = inf: a cylinder limited to ``z_range``).
 
-    ``radial(x, y, z)`` optionally scales the boundary (lobulated margins); ``value`` may be a
-    function of the coordinates (textures).
+    ``radial(x, y, z)`` (at most ``1 + _MASS_LOBULATION``) optionally scales the boundary for
+    lobulated margins; ``value`` may be a function of the coordinates (textures).
     """
-    margin = 1.2 if radial is not None else 1.0
+    margin = 1.0 + _MASS_LOBULATION if radial is not None else 1.0
     lo = [c - margin * s for c, s in zip(center, semi)]
     hi = [c + margin * s for c, s in zip(center, semi)]
     if z_range is not None:
@@ -400,7 +415,9 @@ def render_volume(case: PhantomCase, shape: tuple[int, int, int], seed: int = 0)
 
 def _paint_lesion(volume: np.ndarray, grid: _Grid, case: PhantomCase, lesion: Lesion) -> None:
     c, r = lesion.center, lesion.radius
-    semi = (r, r, r)
+    # At the coarsest grids a small lesion could fall between voxel centres; a semi-axis of at
+    # least 0.9 voxel guarantees it covers one, so every lesion the text names is in the image.
+    semi = tuple(max(r, 0.9 * grid.voxel(name)) for name in "xyz")
     if case.kind == "cyst":
         _paint(volume, grid, c, semi, _CYST)
     elif case.kind == "calcification":
@@ -410,7 +427,7 @@ def _paint_lesion(volume: np.ndarray, grid: _Grid, case: PhantomCase, lesion: Le
         k = 2.0 * np.pi / r  # about one texture period per radius: heterogeneous at any resolution
 
         def lobulated(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-            return 1.0 + 0.12 * np.sin(3.0 * np.arctan2(y - c[1], x - c[0]) + p0)
+            return 1.0 + _MASS_LOBULATION * np.sin(3.0 * np.arctan2(y - c[1], x - c[0]) + p0)
 
         def texture(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
             t = np.sin(k * (x - c[0]) + p1) * np.sin(k * (y - c[1]) + p2) * np.sin(k * (z - c[2]) + p3)
@@ -426,15 +443,21 @@ _NUMBER = {1: "one", 2: "two", 3: "three", 4: "four"}
 _KIND_PLURAL = {"cyst": "cysts", "mass": "masses", "calcification": "calcifications"}
 _KIND_DESCRIPTORS = {
     "cyst": ("hypodense cyst", "well-defined hypodense cyst", "simple cyst", "fluid-density cyst"),
-    "mass": ("hyperdense mass", "heterogeneous hyperdense mass", "lobulated hyperdense mass", "solid heterogeneous mass"),
+    "mass": (
+        "hyperdense mass", "heterogeneous hyperdense mass", "lobulated hyperdense mass", "solid heterogeneous mass"
+    ),
     "calcification": ("calcification", "dense calcification", "coarse calcification"),
 }
-_PHASE_NOUN = {"non_contrast": "non-contrast phase", "arterial": "arterial phase", "portal_venous": "portal venous phase"}
+_PHASE_NOUN = {
+    "non_contrast": "non-contrast phase",
+    "arterial": "arterial phase",
+    "portal_venous": "portal venous phase",
+}
 _PHASE_ADJ = {"non_contrast": "non-contrast", "arterial": "arterial phase", "portal_venous": "portal venous phase"}
 _PHASE_SENTENCES = {
     "non_contrast": ("No intravenous contrast was administered.",),
     "arterial": ("There is dense opacification of the aorta.", "The aorta is brightly opacified."),
-    "portal_venous": ("The solid organs enhance homogeneously.", "The aorta is moderately opacified."),
+    "portal_venous": ("The liver parenchyma is brightly enhanced.", "The aorta is moderately opacified."),
 }
 _INTROS = (
     "{Plane} CT of the abdomen in the {phase_noun}.",
@@ -449,9 +472,12 @@ _FINDINGS = (
     "{Loc} demonstrates {count} {size} {desc}{measure}.",
 )
 _KIND_REMARKS = {
-    "cyst": ("No solid component or septation.", "No internal enhancement is seen."),
+    "cyst": ("No solid component or septation.", "Fluid attenuation without a solid component."),
     "mass": ("Malignancy cannot be excluded; tissue sampling is advised.", "Further evaluation is recommended."),
-    "calcification": {"kidney": ("No associated hydronephrosis.",), None: ("Likely sequela of prior granulomatous disease.",)},
+    "calcification": {
+        "kidney": ("No associated hydronephrosis.",),
+        None: ("Likely sequela of prior granulomatous disease.",),
+    },
 }
 _NORMAL = {
     "liver_clean": ("The liver is normal in size and attenuation.", "The liver is unremarkable."),
@@ -482,9 +508,7 @@ def _location_phrase(case: PhantomCase, rng: np.random.Generator | None = None) 
 
 
 def _organ_phrase(case: PhantomCase) -> str:
-    return "left kidney" if case.organ == "kidney" and case.side == "left" else (
-        "right kidney" if case.organ == "kidney" else case.organ
-    )
+    return f"{case.side} kidney" if case.organ == "kidney" else case.organ
 
 
 def _cap(text: str) -> str:
@@ -524,9 +548,15 @@ def make_report(case: PhantomCase, seed: int = 0) -> str:
     count_word = ("a single" if rng.random() < 0.3 else "a") if n == 1 else _NUMBER[n]
     loc = "the " + _location_phrase(case, rng)
     finding = template.format(
-        Count=_cap(count_word), count=count_word, size=case.size, desc=desc,
-        be="is" if n == 1 else "are", loc=loc, Loc=_cap(loc), measure=measure,
-    )  # fmt: skip
+        Count=_cap(count_word),
+        count=count_word,
+        size=case.size,
+        desc=desc,
+        be="is" if n == 1 else "are",
+        loc=loc,
+        Loc=_cap(loc),
+        measure=measure,
+    )
     sentences.append(finding.replace(",.", "."))
     if rng.random() < 0.6:
         remarks = _KIND_REMARKS[case.kind]
@@ -551,7 +581,11 @@ def make_report(case: PhantomCase, seed: int = 0) -> str:
 # Closed/open question vocabularies: the answer is always one of the four choices.
 _PLANE_ANSWERS = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
 _PLANE_CHOICES = ("Axial", "Coronal", "Sagittal", "Oblique")
-_PHASE_ANSWERS = {"non_contrast": "Non-contrast", "arterial": "Arterial phase", "portal_venous": "Portal venous phase"}
+_PHASE_ANSWERS = {
+    "non_contrast": "Non-contrast",
+    "arterial": "Arterial phase",
+    "portal_venous": "Portal venous phase",
+}
 _PHASE_CHOICES = ("Non-contrast", "Arterial phase", "Portal venous phase", "Delayed phase")
 _ORGAN_CHOICES = ("Liver", "Spleen", "Kidney", "Pancreas", "Gallbladder", "Urinary bladder", "Stomach")
 _KIND_ANSWERS = {"cyst": "Cyst", "mass": "Mass", "calcification": "Calcification"}
@@ -571,25 +605,46 @@ def _fine_locations() -> list[str]:
 _LOCATIONS_FINE = tuple(_fine_locations())
 _LOCATIONS_COARSE = ("Right hepatic lobe", "Left hepatic lobe", "Spleen", "Right kidney", "Left kidney")
 
-_Q_PLANE = ("Which plane is this CT image displayed in?", "In which plane was this image reconstructed?",
-            "What is the imaging plane of this scan?")  # fmt: skip
-_Q_PHASE = ("In which contrast phase was this CT scan acquired?", "What is the phase of this CT scan?",
-            "Which phase of contrast enhancement does this image show?")  # fmt: skip
-_Q_ORGAN = ("Which organ contains the {lesion}?", "In which organ is the abnormality located?",
-            "Which organ shows an abnormality in this image?")  # fmt: skip
-_Q_KIND = ("What type of lesion is seen in the {organ}?", "What is the most likely abnormality in the {organ}?",
-           "What abnormality is present in the {organ}?")  # fmt: skip
-_Q_DENSITY = ("What is the attenuation of the {lesion} relative to the surrounding {organ}?",
-              "How does the {lesion} appear compared with the {organ} parenchyma?")  # fmt: skip
-_Q_DESCRIBE = ("Which description best fits the abnormality in the {organ}?",
-               "How would you describe the {lesion} in the {organ}?")  # fmt: skip
+# Question templates by question; {organ}, {lesion}, {kinds}, {kind_np}, {be}, {do} filled per case.
+_Q_PLANE = (
+    "Which plane is this CT image displayed in?",
+    "In which plane was this image reconstructed?",
+    "What is the imaging plane of this scan?",
+)
+_Q_PHASE = (
+    "In which contrast phase was this CT scan acquired?",
+    "What is the phase of this CT scan?",
+    "Which phase of contrast enhancement does this image show?",
+)
+_Q_ORGAN = (
+    "Which organ contains the {lesion}?",
+    "In which organ is the abnormality located?",
+    "Which organ shows an abnormality in this image?",
+)
+_Q_KIND = (
+    "What type of lesion is seen in the {organ}?",
+    "What is the most likely abnormality in the {organ}?",
+    "What abnormality is present in the {organ}?",
+)
+_Q_DENSITY = (
+    "What is the attenuation of the {lesion} relative to the surrounding {organ}?",
+    "How {do} the {lesion} appear compared with the {organ} parenchyma?",
+)
+_Q_DESCRIBE = (
+    "Which description best fits the abnormality in the {organ}?",
+    "How would you describe the {lesion} in the {organ}?",
+)
 _Q_COUNT = ("How many {kinds} are seen in the {organ}?", "What is the number of {kinds} in the {organ}?")
-_Q_LOCATION = ("Where is the {kind_np} located?", "What is the location of the {kind_np}?",
-               "Where in the abdomen is the abnormality?")  # fmt: skip
+_Q_LOCATION = (
+    "Where {be} the {kind_np} located?",
+    "What is the location of the {kind_np}?",
+    "Where in the abdomen is the abnormality?",
+)
 
 
-def _choices(rng: np.random.Generator, answer: str, pool: Sequence[str], letter: str,
-             preferred: Sequence[str] = ()) -> dict[str, str]:  # fmt: skip
+def _choices(
+    rng: np.random.Generator, answer: str, pool: Sequence[str], letter: str, preferred: Sequence[str] = ()
+) -> dict[str, str]:
     """Four distinct choices with ``answer`` at ``letter``; distractors prefer ``preferred``."""
     preferred = [p for p in preferred if p != answer]
     rest = [p for p in pool if p != answer and p not in preferred]
@@ -603,39 +658,50 @@ def _choices(rng: np.random.Generator, answer: str, pool: Sequence[str], letter:
     return out
 
 
-def make_questions(case: PhantomCase, report: str, image: str, seed: int = 0) -> tuple[list[list], list[list]]:
+def make_questions(
+    case: PhantomCase, report: str, image: str, seed: int = 0
+) -> tuple[list[list], list[list]]:
     """Closed/open rows (8 per case, letters exactly balanced) and yes/no rows (6, 3 Yes + 3 No)."""
     rng = np.random.default_rng([seed, 5, case.index])
     n = case.count
     organ = _organ_phrase(case)
     lesion = "lesion" if n == 1 else "lesions"
     kind_np = case.kind if n == 1 else _KIND_PLURAL[case.kind]
-    fmt = {"organ": organ, "lesion": lesion, "kinds": _KIND_PLURAL[case.kind], "kind_np": kind_np}
+    be = "is" if n == 1 else "are"
+    fmt = {
+        "organ": organ,
+        "lesion": lesion,
+        "kinds": _KIND_PLURAL[case.kind],
+        "kind_np": kind_np,
+        "be": be,
+        "do": "does" if n == 1 else "do",
+    }
     size_kind = f"{_cap(case.size)} {case.kind}"
     size_kind_pool = [f"{_cap(s)} {k}" for k in LESION_KINDS for s in LESION_SIZES]
     other_size = "large" if case.size == "small" else "small"
     location = _cap(_location_phrase(case))
     location_pool = _LOCATIONS_FINE if case.level else _LOCATIONS_COARSE
-    same_organ = [loc for loc in location_pool if case.organ in loc.lower() or (case.organ == "liver" and "hepatic" in loc)]
+    organ_word = "hepatic" if case.organ == "liver" else case.organ
+    same_organ = [loc for loc in location_pool if organ_word in loc.lower()]
     organ_answer = _cap(case.organ)
     specs = [  # (type, question templates, answer, pool, preferred distractors)
         (1, _Q_PLANE, _PLANE_ANSWERS[case.plane], _PLANE_CHOICES, ()),
         (2, _Q_PHASE, _PHASE_ANSWERS[case.phase], _PHASE_CHOICES, ()),
         (3, _Q_ORGAN, organ_answer, _ORGAN_CHOICES, ("Liver", "Spleen", "Kidney")),
-        (4, _Q_KIND, _KIND_ANSWERS[case.kind], tuple(_KIND_ANSWERS.values()) + _KIND_EXTRA,
-         tuple(_KIND_ANSWERS.values())),
+        (4, _Q_KIND, _KIND_ANSWERS[case.kind], (*_KIND_ANSWERS.values(), *_KIND_EXTRA), _KIND_ANSWERS.values()),
         (4, _Q_DENSITY, _DENSITY_ANSWERS[case.kind], _DENSITY_CHOICES, ()),
         (4, _Q_DESCRIBE, size_kind, size_kind_pool, (f"{_cap(other_size)} {case.kind}",)),
         (4, _Q_COUNT, _cap(_NUMBER[n]), _COUNT_CHOICES, ()),
         (5, _Q_LOCATION, location, location_pool, same_organ),
-    ]  # fmt: skip
+    ]
     letters = [layout.ANSWER_LETTERS[i % 4] for i in rng.permutation(2 * len(layout.ANSWER_LETTERS))]
     assert len(letters) == len(specs)
     closed = []
     for (qtype, templates, answer, pool, preferred), letter in zip(specs, letters):
         question = _pick(rng, templates).format(**fmt)
         choices = _choices(rng, answer, pool, letter, preferred)
-        closed.append([image, report, qtype, question, *(choices[x] for x in layout.ANSWER_LETTERS), answer, letter])
+        options = [choices[x] for x in layout.ANSWER_LETTERS]
+        closed.append([image, report, qtype, question, *options, answer, letter])
 
     yes = layout.YES_NO_ANSWERS[0]
     answers = [layout.YES_NO_ANSWERS[i // 3] for i in rng.permutation(6)]
@@ -664,30 +730,35 @@ def make_questions(case: PhantomCase, report: str, image: str, seed: int = 0) ->
     else:
         clean = ["liver", "spleen", "kidneys", "urinary bladder"]
         if case.organ == "kidney":
-            clean = ["liver", "spleen", "urinary bladder", "left kidney" if case.side == "right" else "right kidney"]
+            other_kidney = "left kidney" if case.side == "right" else "right kidney"
+            clean = ["liver", "spleen", "urinary bladder", other_kidney]
         else:
             clean.remove(case.organ)
         asked = clean[int(rng.integers(len(clean)))]
     does = "Do" if asked == "kidneys" else "Does"
-    yes_no.append((3, _pick(rng, (f"Is there an abnormality in the {asked}?", f"{does} the {asked} contain a lesion?"))))
+    q = _pick(rng, (f"Is there an abnormality in the {asked}?", f"{does} the {asked} contain a lesion?"))
+    yes_no.append((3, q))
     # 4 Abnormality: kind
     kind = case.kind if answers[3] == yes else other(LESION_KINDS, case.kind)
     article = "an" if kind[0] in "aeiou" else "a"
-    q = (f"Is the lesion in the {organ} {article} {kind}?" if n == 1
-         else f"Are the lesions in the {organ} {_KIND_PLURAL[kind]}?")  # fmt: skip
+    if n == 1:
+        q = f"Is the lesion in the {organ} {article} {kind}?"
+    else:
+        q = f"Are the lesions in the {organ} {_KIND_PLURAL[kind]}?"
     yes_no.append((4, q))
     # 5 Location
     loc = location if answers[4] == yes else other(location_pool, location)
-    verb = "Is the" if n == 1 else "Are the"
-    yes_no.append((5, f"{verb} {kind_np} located in the {loc[0].lower() + loc[1:]}?"))
+    yes_no.append((5, f"{_cap(be)} the {kind_np} located in the {loc[0].lower() + loc[1:]}?"))
     # 4 Abnormality: size or count
     if rng.random() < 0.5:
         size = case.size if answers[5] == yes else other_size
         q = f"Is the {case.kind} in the {organ} {size}?" if n == 1 else f"Are the {kind_np} in the {organ} {size}?"
     else:
         m = n if answers[5] == yes else other((1, 2, 3), n)
-        q = (f"Is there exactly one {case.kind} in the {organ}?" if m == 1
-             else f"Are there exactly {_NUMBER[m]} {_KIND_PLURAL[case.kind]} in the {organ}?")  # fmt: skip
+        if m == 1:
+            q = f"Is there exactly one {case.kind} in the {organ}?"
+        else:
+            q = f"Are there exactly {_NUMBER[m]} {_KIND_PLURAL[case.kind]} in the {organ}?"
     yes_no.append((4, q))
     yn_rows = [[image, report, qtype, q, a] for (qtype, q), a in zip(yes_no, answers)]
     return closed, yn_rows
@@ -789,7 +860,7 @@ def read_phantom_marker(root: str | os.PathLike) -> dict | None:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or marker.get("generator") != __name__:
+    if not isinstance(marker, dict) or marker.get("generator") != GENERATOR:
         return None
     return marker
 
@@ -857,8 +928,13 @@ def make_phantom_dataset(
     # An incomplete marker first: it claims the root (so a rerun may write there) and lists every
     # file this run or the previous one may have written (so a rerun can clean them up).
     old_files = set(previous.get("files", [])) if previous else set()
-    marker = {"generator": __name__, "version": GENERATOR_VERSION, "complete": False, "params": params,
-              "files": sorted(old_files | set(files))}  # fmt: skip
+    marker = {
+        "generator": GENERATOR,
+        "version": GENERATOR_VERSION,
+        "complete": False,
+        "params": params,
+        "files": sorted(old_files | set(files)),
+    }
     _atomic_write(root / MARKER_NAME, _json_bytes(marker))
 
     cap: dict[str, list[dict[str, str]]] = {s: [] for s in layout.CAP_SPLITS}
@@ -957,22 +1033,24 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m med3dvlm.data.phantoms",
         description="Write the embedded phantom dataset (synthetic CT volumes, reports, VQA) in the M3D layout.",
+        epilog=f"Writes {layout.CAP_JSON}, {CASES_DIR}/NNNNNN/{{text.txt,SERIES/volume.FMT}}, "
+        f"{layout.VQA_DIR}/*.csv and the marker {MARKER_NAME} under ROOT.",
     )
-    parser.add_argument("--root", required=True, type=Path, help="dataset root to write")
-    parser.add_argument("--num-cases", type=int, default=DEFAULT_NUM_CASES,
-                        help=f"number of cases (default {DEFAULT_NUM_CASES}, at least {MIN_CASES})")  # fmt: skip
-    parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("D", "H", "W"),
-                        help=f"volume shape (default {' '.join(map(str, DEFAULT_SHAPE))}; each >= {MIN_DIM}, "
-                             f"at most {' '.join(map(str, MAX_SHAPE))})")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--format", dest="volume_format", choices=VOLUME_FORMATS, default="nii.gz",
-                        help="volume file format (default nii.gz)")  # fmt: skip
-    parser.add_argument("--splits", type=float, nargs=3, default=list(DEFAULT_SPLIT_FRACTIONS),
-                        metavar=("TRAIN", "VAL", "TEST"), help="split fractions (default 0.7 0.15 0.15)")  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write even into a non-empty folder that is not a phantom dataset")  # fmt: skip
-    parser.add_argument("--if-missing", action="store_true",
-                        help="do nothing if the root already holds this exact dataset")  # fmt: skip
+    shape = " ".join(map(str, DEFAULT_SHAPE))
+    largest = " ".join(map(str, MAX_SHAPE))
+    add = parser.add_argument
+    add("--root", required=True, type=Path, help="dataset root to write")
+    add("--num-cases", type=int, default=DEFAULT_NUM_CASES,
+        help=f"number of cases (default {DEFAULT_NUM_CASES}, at least {MIN_CASES})")
+    add("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("D", "H", "W"),
+        help=f"volume shape (default {shape}; each at least {MIN_DIM}, at most {largest})")
+    add("--seed", type=int, default=0, help="random seed (default 0)")
+    add("--format", dest="volume_format", choices=VOLUME_FORMATS, default="nii.gz",
+        help="volume file format (default nii.gz)")
+    add("--splits", type=float, nargs=3, default=list(DEFAULT_SPLIT_FRACTIONS), metavar=("TRAIN", "VAL", "TEST"),
+        help="train/validation/test fractions (default 0.7 0.15 0.15)")
+    add("--overwrite", action="store_true", help="write even into a non-empty folder that is not a phantom dataset")
+    add("--if-missing", action="store_true", help="do nothing if ROOT already holds this exact dataset")
     return parser
 
 

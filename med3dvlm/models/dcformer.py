@@ -236,7 +236,11 @@ class DCFormer(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Conv3d, nn.Linear)):
+    """Variance-preserving convolutions (std 1/sqrt(fan_in)), so features keep their scale through
+    the five stages; small truncated-normal MLP weights, as in ConvNeXt-style blocks."""
+    if isinstance(module, nn.Conv3d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="linear")
+    elif isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+    if isinstance(module, (nn.Conv3d, nn.Linear)) and module.bias is not None:
+        nn.init.zeros_(module.bias)

@@ -37,6 +37,7 @@ class TextEncoder(nn.Module):
 
         self.name_or_path = name_or_path
         self.model = AutoModel.from_pretrained(name_or_path, local_files_only=_is_local(name_or_path))
+        self.model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout on
         config = self.model.config
         self.hidden_size = getattr(config, "hidden_size", None) or config.dim  # DistilBERT names it `dim`
         if gradient_checkpointing:

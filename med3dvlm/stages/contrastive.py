@@ -104,6 +104,7 @@ class ContrastiveModule(L.LightningModule):
         loss_monitor: Any | None = None,
         retrieval_sizes: tuple[int, ...] = (100, 500, 1000, 2000),
         retrieval_ks: tuple[int, ...] = (1, 5, 10),
+        loss_lr_multiplier: float = 1.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -113,6 +114,7 @@ class ContrastiveModule(L.LightningModule):
         self.loss_monitor = loss_monitor
         self.retrieval_sizes = tuple(retrieval_sizes)
         self.retrieval_ks = tuple(retrieval_ks)
+        self.loss_lr_multiplier = loss_lr_multiplier
         self._embeddings: dict[str, list[torch.Tensor]] = {"image": [], "text": []}
         self.test_results: dict | None = None
 
@@ -193,14 +195,22 @@ class ContrastiveModule(L.LightningModule):
         from transformers import get_cosine_schedule_with_warmup
 
         decay, no_decay = [], []
-        for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            # Weight decay on matrices and kernels only; biases, norms and the loss's scalars are exempt.
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        optimizer = self.optimizer_factory(
-            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        )
+        for parameter in self.model.parameters():
+            if parameter.requires_grad:
+                # Weight decay on matrices and kernels only; biases and norms are exempt.
+                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        loss_parameters = [p for p in self.loss.parameters() if p.requires_grad]
+        if loss_parameters:
+            # The loss's temperature and bias: no decay; optionally a faster learning rate, which
+            # short runs need for the temperature to move away from its initial value.
+            optimizer = self.optimizer_factory(groups)
+            base_lr = optimizer.defaults["lr"]
+            optimizer.add_param_group(
+                {"params": loss_parameters, "weight_decay": 0.0, "lr": base_lr * self.loss_lr_multiplier}
+            )
+        else:
+            optimizer = self.optimizer_factory(groups)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup_steps = math.ceil(self.warmup_ratio * total_steps)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
