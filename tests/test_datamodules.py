@@ -192,3 +192,35 @@ def test_loader_workers_do_not_augment_in_lockstep(tmp_path):
     means = [batch["image"].mean().item() for batch in loader]
     # Workers 0 and 1 deliver items 0, 1 (then 2, 3); copied random states would make them equal.
     assert means[0] != means[1] and means[2] != means[3]
+
+
+def test_augmentation_overrides_reach_the_training_transforms(tiny_m3d_root):
+    module = M3DCapDataModule(tiny_m3d_root, augmentation={"rotate_prob": 0.0, "flip_prob": 0.0})
+    steps = module.dataset("train").transform.transforms
+    assert [t.prob for t in steps if isinstance(t, (RandRotate90d, RandFlipd))] == [0.0, 0.0, 0.0, 0.0]
+    assert [t.prob for t in steps if isinstance(t, RandScaleIntensityd)] == [0.5]  # SPEC §6 default kept
+
+
+def test_resumable_loader_continues_an_epoch_where_it_stopped(tiny_m3d_root):
+    from med3dvlm.data.sampling import ResumableDataLoader
+
+    def sources(loader):
+        return [s for batch in loader for s in batch["source"]]
+
+    module = M3DCapDataModule(tiny_m3d_root, batch_size=1, seed=3)
+    loader = module.train_dataloader()
+    assert isinstance(loader, ResumableDataLoader)
+    loader.sampler.set_epoch(1)
+    full_epoch = sources(loader)
+    assert sorted(full_epoch) == sorted(s.source for s in module.dataset("train").samples)
+
+    # a consumer that trains on 2 batches, then dies
+    loader.sampler.set_epoch(1)
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "consumed_samples": 2}
+
+    resumed = M3DCapDataModule(tiny_m3d_root, batch_size=1, seed=3).train_dataloader()
+    resumed.load_state_dict(state)
+    assert sources(resumed) == full_epoch[2:]

@@ -27,7 +27,7 @@ from med3dvlm.data.errors import DataError
 from med3dvlm.data.m3d import OnBadSample, SkippedSample, check_on_bad_sample, read_task_split
 from med3dvlm.data.samples import TASKS, Sample
 from med3dvlm.data.transforms import IMAGE_KEY, eval_transforms, train_transforms
-from med3dvlm.data.volumes import load_volume
+from med3dvlm.data.volumes import load_volume, with_volume_format
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,9 @@ class MixtureDataModule(L.LightningDataModule):
     shuffled. ``max_samples`` keeps the first N samples of each task in each split, for quick runs.
     ``collate_fn`` is the stages' tokenisation hook (default ``collate_samples``). ``seed`` fixes
     the augmentation stream; by default it follows torch's seed (``seed_everything``).
-    Records skipped while reading are kept in ``skipped_records[split]``.
+    Records skipped while reading are kept in ``skipped_records[split]``. ``volume_format``
+    (``nii.gz``, ``nii``, ``npy``; None = as listed) reads each listed volume's sibling of that
+    format instead, e.g. ``nii`` for the fast uncompressed copies (``med3dvlm.data.volumes``).
     """
 
     def __init__(
@@ -162,15 +164,18 @@ class MixtureDataModule(L.LightningDataModule):
         batch_size: int = 2,
         num_workers: int = 0,
         spatial_size: Sequence[int] | None = None,
+        augmentation: dict[str, float] | None = None,
         on_bad_sample: OnBadSample = "error",
         collate_fn: Collate | None = None,
         max_samples: int | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = False,
         seed: int | None = None,
+        volume_format: str | None = None,
     ) -> None:
         super().__init__()
         check_on_bad_sample(on_bad_sample)
+        with_volume_format("volume.nii.gz", volume_format)  # a misspelt format fails here, not at setup
         tasks = tuple(tasks)
         unknown = [task for task in tasks if task not in TASKS]
         if not tasks or unknown or len(set(tasks)) != len(tasks):
@@ -182,12 +187,15 @@ class MixtureDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.spatial_size = None if spatial_size is None else tuple(int(edge) for edge in spatial_size)
+        # overrides of train_transforms' probabilities (rotate_prob, flip_prob, scale_prob, shift_prob)
+        self.augmentation = dict(augmentation or {})
         self.on_bad_sample = on_bad_sample
         self.collate_fn = collate_fn if collate_fn is not None else collate_samples
         self.max_samples = max_samples
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.seed = seed
+        self.volume_format = volume_format
         self.datasets: dict[str, VolumeTextDataset] = {}
         self.skipped_records: dict[str, list[SkippedSample]] = {}
 
@@ -208,12 +216,12 @@ class MixtureDataModule(L.LightningDataModule):
         samples: list[Sample] = []
         skipped: list[SkippedSample] = []
         for task in self.tasks:
-            result = read_task_split(self.root, task, split, self.on_bad_sample)
+            result = read_task_split(self.root, task, split, self.on_bad_sample, self.volume_format)
             samples.extend(result.samples[: self.max_samples])
             skipped.extend(result.skipped)
         self.skipped_records[split] = skipped
         if split == "train":
-            transform = train_transforms(self.spatial_size, seed=self._seed())
+            transform = train_transforms(self.spatial_size, seed=self._seed(), **self.augmentation)
         else:
             transform = eval_transforms(self.spatial_size)
         return VolumeTextDataset(samples, transform, self.on_bad_sample, augmentation_seed=self._seed())
@@ -225,7 +233,7 @@ class MixtureDataModule(L.LightningDataModule):
         dataset = self.dataset(split)
         return ResumableDataLoader(
             dataset,
-            ResumableSampler(len(dataset), seed=self._seed(), shuffle=split == "train"),
+            sampler=ResumableSampler(len(dataset), seed=self._seed(), shuffle=split == "train"),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,

@@ -8,6 +8,9 @@ Bad records: with ``on_bad_sample="error"`` (default) the first one raises a ``D
 the file and the JSON entry or CSV row. With ``"skip"`` the record is left out, listed in
 ``ReadResult.skipped`` and counted in one warning per file; no other sample takes its place.
 Problems with the file as a whole (missing, malformed, no such split, missing columns) always raise.
+
+``volume_format`` (``nii.gz``, ``nii``, ``npy``; None = as listed) makes a sample's image the sibling
+file of that format, e.g. the fast uncompressed ``x.nii`` of a listed ``x.nii.gz`` (``volumes.py``).
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from med3dvlm.data.errors import (
     InvalidRecordError,
     MissingColumnsError,
     MissingFileError,
+    UnknownFormatError,
     UnsafePathError,
 )
 from med3dvlm.data.samples import TASKS, Sample
+from med3dvlm.data.volumes import with_volume_format
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +93,25 @@ def resolve_in_root(root: Path, relative: str, where: str, what: str = "image") 
 class _FileExistence:
     """Checks that referenced files exist, asking the file system once per path."""
 
-    def __init__(self) -> None:
+    def __init__(self, volume_format: str | None = None) -> None:
         self._seen: set[Path] = set()
+        self.volume_format = volume_format
+        with_volume_format("volume.nii.gz", volume_format)  # reject a misspelt format before any row
+
+    def volume(self, listed: Path, where: str) -> Path:
+        """The file read for a listed image under ``volume_format``, which must exist."""
+        try:
+            path = with_volume_format(listed, self.volume_format)
+        except UnknownFormatError as exc:
+            raise UnknownFormatError(f"{where}: {exc}") from exc
+        if path != listed and path not in self._seen and not path.is_file():
+            raise MissingFileError(
+                f"{where}: image file {path} not found: volume_format={self.volume_format} reads it "
+                f"in place of the listed {listed}; write such copies with "
+                "`python -m med3dvlm.prepare convert=<data root>`"
+            )
+        self.require(path, where, "image")
+        return path
 
     def require(self, path: Path, where: str, what: str) -> None:
         if path in self._seen:
@@ -134,13 +156,15 @@ class _SampleCollector:
 # --------------------------------------------------------------------------------------------
 
 
-def read_cap_json(root: str | os.PathLike, split: str, on_bad_sample: OnBadSample = "error") -> ReadResult:
+def read_cap_json(
+    root: str | os.PathLike, split: str, on_bad_sample: OnBadSample = "error", volume_format: str | None = None
+) -> ReadResult:
     """Image-report pairs of one split of ``root/M3D_Cap.json`` as ``caption`` samples."""
     root = Path(root)
     json_path = root / layout.CAP_JSON
+    existence = _FileExistence(volume_format)
     entries = _load_cap_split(json_path, split)
     collector = _SampleCollector(json_path, on_bad_sample)
-    existence = _FileExistence()
     for index, entry in enumerate(entries):
         where = f"{json_path}: {split}[{index}]"
         source = f"{json_path.name}:{split}[{index}]"
@@ -179,7 +203,7 @@ def _cap_sample(root: Path, entry: object, where: str, source: str, existence: _
     image_path = resolve_in_root(root, entry["image"], where, "image")
     report_path = resolve_in_root(root, entry["text"], where, "report")
     report = _read_report(report_path, where)
-    existence.require(image_path, where, "image")
+    image_path = existence.volume(image_path, where)
     return Sample(image_path=image_path, prompt=layout.CAPTION_PROMPT, answer=report, task="caption", source=source)
 
 
@@ -206,6 +230,7 @@ def read_vqa_csv(
     root: str | os.PathLike,
     mode: Literal["closed", "open"] = "closed",
     on_bad_sample: OnBadSample = "error",
+    volume_format: str | None = None,
 ) -> ReadResult:
     """Closed- or open-ended VQA samples of one M3D-VQA CSV; image paths are relative to ``root``.
 
@@ -216,7 +241,7 @@ def read_vqa_csv(
         raise ValueError(f"mode must be one of {VQA_MODES}, got {mode!r}")
     path, root = Path(path), Path(root)
     collector = _SampleCollector(path, on_bad_sample)
-    existence = _FileExistence()
+    existence = _FileExistence(volume_format)
     for row_number, header, fields in _read_csv_rows(path, layout.VQA_COLUMNS):
         where = f"{path}: row {row_number}"
         source = f"{path.name}:row {row_number}"
@@ -225,12 +250,15 @@ def read_vqa_csv(
 
 
 def read_vqa_yes_no_csv(
-    path: str | os.PathLike, root: str | os.PathLike, on_bad_sample: OnBadSample = "error"
+    path: str | os.PathLike,
+    root: str | os.PathLike,
+    on_bad_sample: OnBadSample = "error",
+    volume_format: str | None = None,
 ) -> ReadResult:
     """Yes/no VQA samples of one ``M3D_VQA_yn_*.csv``: prompt = question, answer ``"Yes"``/``"No"``."""
     path, root = Path(path), Path(root)
     collector = _SampleCollector(path, on_bad_sample)
-    existence = _FileExistence()
+    existence = _FileExistence(volume_format)
     for row_number, header, fields in _read_csv_rows(path, layout.VQA_YN_COLUMNS):
         where = f"{path}: row {row_number}"
         source = f"{path.name}:row {row_number}"
@@ -322,7 +350,7 @@ def _vqa_sample(
         # Open-ended questions have no choices; the letter column is not needed.
         prompt, answer, task, answer_choice = question, answer_text, "vqa_open", None
     image_path = resolve_in_root(root, row["Image Path"], where, "image")
-    existence.require(image_path, where, "image")
+    image_path = existence.volume(image_path, where)
     return Sample(
         image_path=image_path,
         prompt=prompt,
@@ -345,7 +373,7 @@ def _yes_no_sample(
         raise InvalidRecordError(f"{where}: 'Answer' is {answer_text!r}; expected Yes or No")
     question_type = parse_question_type(row["Question Type"], where)
     image_path = resolve_in_root(root, row["Image Path"], where, "image")
-    existence.require(image_path, where, "image")
+    image_path = existence.volume(image_path, where)
     return Sample(
         image_path=image_path,
         prompt=question,
@@ -362,7 +390,11 @@ def _yes_no_sample(
 
 
 def read_task_split(
-    root: str | os.PathLike, task: str, split: str, on_bad_sample: OnBadSample = "error"
+    root: str | os.PathLike,
+    task: str,
+    split: str,
+    on_bad_sample: OnBadSample = "error",
+    volume_format: str | None = None,
 ) -> ReadResult:
     """Samples of one task (``layout``-defined file under ``root``) and split."""
     root = Path(root)
@@ -370,10 +402,10 @@ def read_task_split(
         raise ValueError(f"split must be one of {layout.CAP_SPLITS}, got {split!r}")
     vqa_dir = root / layout.VQA_DIR
     if task == "caption":
-        return read_cap_json(root, split, on_bad_sample)
+        return read_cap_json(root, split, on_bad_sample, volume_format)
     if task in ("vqa_closed", "vqa_open"):
         mode = task.removeprefix("vqa_")
-        return read_vqa_csv(vqa_dir / layout.VQA_CSV[split], root, mode, on_bad_sample)
+        return read_vqa_csv(vqa_dir / layout.VQA_CSV[split], root, mode, on_bad_sample, volume_format)
     if task == "vqa_yes_no":
-        return read_vqa_yes_no_csv(vqa_dir / layout.VQA_YN_CSV[split], root, on_bad_sample)
+        return read_vqa_yes_no_csv(vqa_dir / layout.VQA_YN_CSV[split], root, on_bad_sample, volume_format)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")

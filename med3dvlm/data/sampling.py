@@ -55,26 +55,32 @@ class ResumableSampler(Sampler[EpochIndex]):
             yield EpochIndex(self.epoch, index)
 
     def __len__(self) -> int:
-        return self.size - self.start
+        # the whole epoch: Lightning restores its own batch counters and expects the full length
+        return self.size
 
 
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a :class:`ResumableSampler` that Lightning can checkpoint mid-epoch.
 
-    ``lookahead`` is how many batches the consumer fetches ahead of the one it trains on: Lightning's
-    training loop fetches one ahead (to know the last batch), so the batches *consumed* when a
-    checkpoint is written are those yielded minus one, unless the epoch is exhausted.
+    ``lookahead`` is how many batches the consumer fetches beyond the one it trains on when a
+    checkpoint is written. Lightning's training loop fetches none ahead for a loader of known
+    length (tests/test_resume.py checks this end to end), hence the default 0.
     """
 
-    def __init__(self, dataset, sampler: ResumableSampler, lookahead: int = 1, **kwargs: Any) -> None:
+    def __init__(self, dataset, *, sampler: Sampler, lookahead: int = 0, **kwargs: Any) -> None:
+        # keyword-only `sampler`: Lightning re-creates the loader with a DistributedSampler under
+        # DDP, and then (see state_dict) mid-epoch resumption falls back to Lightning's own handling.
         super().__init__(dataset, sampler=sampler, **kwargs)
         self.lookahead = lookahead
         self._yielded = 0
         self._exhausted = False
-        self._epoch_started = sampler.epoch
+        self._epoch_started = getattr(sampler, "epoch", 0)
 
     def __iter__(self):
-        sampler: ResumableSampler = self.sampler
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableSampler):
+            yield from super().__iter__()
+            return
         self._epoch_started = sampler.epoch
         self._yielded = sampler.start // self.batch_size
         self._exhausted = False
@@ -84,10 +90,14 @@ class ResumableDataLoader(DataLoader):
         self._exhausted = True
 
     def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, ResumableSampler):
+            return {}
         consumed = self._yielded if self._exhausted else max(0, self._yielded - self.lookahead)
         return {"epoch": self._epoch_started, "consumed_samples": consumed * self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        sampler: ResumableSampler = self.sampler
+        sampler = self.sampler
+        if not state or not isinstance(sampler, ResumableSampler):
+            return
         sampler.epoch = state["epoch"]
         sampler.start = min(state["consumed_samples"], sampler.size)

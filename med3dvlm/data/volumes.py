@@ -5,6 +5,12 @@ Axis order (SPEC §6): the released Med3DVLM code reads NIfTI files with SimpleI
 the file's ``(x, y, z)`` order, so this reader transposes to ``(D, H, W)`` to see exactly what the
 released model saw. No reorientation by the affine is done, for the same reason. M3D's own ``.npy``
 release already holds ``(1, D, H, W)``.
+
+Fast format: an uncompressed ``.nii`` next to the ``.nii.gz`` a dataset lists (``volume_format``
+``nii`` in the data config, see ``with_volume_format``). The preparation writes it as ``uint8`` with
+the NIfTI scale factor ``scl_slope = 1/255`` (or ``int16`` with ``1/32767``), so the file says itself
+how to turn its integers into [0, 1]; the reader memory-maps it and scales in one pass, with no
+decompression. Any NIfTI viewer opens it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,16 @@ from med3dvlm.data.errors import (
 from med3dvlm.data.layout import VOLUME_SUFFIXES
 
 _NUMPY_SUFFIX = ".npy"
+_UNCOMPRESSED_NIFTI_SUFFIX = ".nii"
+
+# Data config ``volume_format`` values: which sibling of a listed volume the readers open.
+VOLUME_FORMATS = ("nii.gz", "nii", "npy")
+FAST_VOLUME_FORMAT = "nii"  # uncompressed, memory-mapped NIfTI (module docstring)
+# How ``save_volume`` stores voxels. Integer encodings hold [0, 1] in ``levels`` steps via scl_slope.
+VOLUME_ENCODINGS = ("float32", "uint8", "int16")
+ENCODING_LEVELS = {"uint8": 255, "int16": 32767}  # largest value of each integer type = intensity 1.0
+# Values this far outside [0, 1] (float rounding after a resize) are clipped before integer encoding.
+ENCODING_RANGE_TOLERANCE = 1e-5
 
 
 def volume_suffix(path: str | os.PathLike) -> str:
@@ -37,6 +53,22 @@ def volume_suffix(path: str | os.PathLike) -> str:
     raise UnknownFormatError(
         f"{path}: unknown volume format; expected a file ending in {', '.join(VOLUME_SUFFIXES)}"
     )
+
+
+def with_volume_format(path: str | os.PathLike, volume_format: str | None) -> Path:
+    """``path`` with its volume suffix replaced by ``volume_format`` (``nii.gz``, ``nii`` or ``npy``).
+
+    ``None`` keeps the path as listed. This is how a dataset that lists ``x.nii.gz`` is read from
+    its fast sibling ``x.nii`` when the data config says ``volume_format: nii``.
+    """
+    path = Path(path)
+    if volume_format is None:
+        return path
+    target = "." + str(volume_format).lstrip(".")
+    if target[1:] not in VOLUME_FORMATS:
+        raise ValueError(f"volume_format must be one of {VOLUME_FORMATS} or None, got {volume_format!r}")
+    suffix = volume_suffix(path)
+    return path.with_name(path.name[: -len(suffix)] + target)
 
 
 def load_volume(path: str | os.PathLike) -> np.ndarray:
@@ -51,16 +83,40 @@ def load_volume(path: str | os.PathLike) -> np.ndarray:
         raise MissingFileError(f"{path}: volume file not found")
     if suffix == _NUMPY_SUFFIX:
         volume = _read_numpy(path)
+    elif suffix == _UNCOMPRESSED_NIFTI_SUFFIX:
+        volume = _read_nifti(path, _scaled_from_memory_map)
     else:
-        volume = _read_nifti(path)
+        volume = _read_nifti(path, _decoded_by_nibabel)
     _check_finite(volume, path)
     return np.ascontiguousarray(volume)
 
 
-def _read_nifti(path: Path) -> np.ndarray:
+def _decoded_by_nibabel(path: Path) -> np.ndarray:
+    image = nib.load(path, mmap=False)
+    return image.get_fdata(dtype=np.float32, caching="unchanged")
+
+
+def _scaled_from_memory_map(path: Path) -> np.ndarray:
+    """float32 ``raw * scl_slope + scl_inter`` of an uncompressed NIfTI, in one pass over the map.
+
+    nibabel's ``get_fdata`` would scale in float64 and then cast, several times slower; the
+    result is the same up to float32 rounding.
+    """
+    image = nib.load(path, mmap=True)
+    raw = np.asarray(image.dataobj.get_unscaled())
+    slope, intercept = float(image.dataobj.slope), float(image.dataobj.inter)
+    if slope == 1.0 and intercept == 0.0:
+        return np.array(raw, dtype=np.float32, order="F")  # a copy: the map must not escape
+    # Fortran order = the file's order, so the scaling streams through the map front to back.
+    scaled = np.multiply(raw, np.float32(slope), dtype=np.float32, order="F")
+    if intercept != 0.0:
+        scaled += np.float32(intercept)
+    return scaled
+
+
+def _read_nifti(path: Path, decode) -> np.ndarray:
     try:
-        image = nib.load(path, mmap=False)
-        data = image.get_fdata(dtype=np.float32, caching="unchanged")
+        data = decode(path)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
         raise CorruptFileError(
             f"{path}: cannot read NIfTI volume ({type(exc).__name__}: {exc}); "
@@ -116,15 +172,23 @@ def _check_finite(volume: np.ndarray, path: Path) -> None:
     )
 
 
-def save_volume(volume: np.ndarray, path: str | os.PathLike) -> Path:
+def save_volume(volume: np.ndarray, path: str | os.PathLike, encoding: str = "float32") -> Path:
     """Write a ``(D, H, W)`` or ``(1, D, H, W)`` volume so that ``load_volume`` reads it back.
 
     NIfTI files are written in the released layout (file axes ``(x, y, z) = (W, H, D)``, identity
     affine). The write is atomic (temporary file in the same folder, then ``os.replace``) so an
     interrupted run never leaves a truncated volume behind. Parent folders are created.
+
+    ``encoding`` (NIfTI only): ``float32`` stores the values as they are; ``uint8`` / ``int16``
+    store ``round(value * levels)`` with ``scl_slope = 1 / levels`` (``ENCODING_LEVELS``), for
+    volumes in [0, 1]: the fast format's 4x / 2x smaller voxels, exact to half a step.
     """
     path = Path(path)
     suffix = volume_suffix(path)
+    if encoding not in VOLUME_ENCODINGS:
+        raise ValueError(f"encoding must be one of {VOLUME_ENCODINGS}, got {encoding!r}")
+    if encoding != "float32" and suffix == _NUMPY_SUFFIX:
+        raise ValueError(f"{path}: .npy volumes are stored as float32 (M3D's layout); {encoding} needs NIfTI")
     data = np.asarray(volume, dtype=np.float32)
     if data.ndim == 4 and data.shape[0] == 1:
         data = data[0]
@@ -138,13 +202,31 @@ def save_volume(volume: np.ndarray, path: str | os.PathLike) -> Path:
         if suffix == _NUMPY_SUFFIX:
             np.save(temporary, data[np.newaxis])  # M3D's .npy layout: (1, D, H, W)
         else:
-            image = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine=np.eye(4))
-            nib.save(image, temporary)
+            nib.save(_nifti_image(data, encoding, path), temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _nifti_image(data: np.ndarray, encoding: str, path: Path) -> nib.Nifti1Image:
+    """The ``(D, H, W)`` array as a NIfTI image with file axes ``(W, H, D)`` in ``encoding``."""
+    file_order = data.transpose(2, 1, 0)
+    if encoding == "float32":
+        return nib.Nifti1Image(np.ascontiguousarray(file_order), affine=np.eye(4))
+    levels = ENCODING_LEVELS[encoding]
+    low, high = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    in_range = -ENCODING_RANGE_TOLERANCE <= low and high <= 1 + ENCODING_RANGE_TOLERANCE
+    if not in_range:  # also catches NaN, which fails every comparison
+        raise ValueError(
+            f"{path}: {encoding} encoding holds intensities in [0, 1], but the volume spans [{low}, {high}]; "
+            "use encoding float32 for other values"
+        )
+    steps = np.rint(np.clip(file_order, 0.0, 1.0).astype(np.float64) * levels)  # float64: the nearest step
+    image = nib.Nifti1Image(np.ascontiguousarray(steps.astype(encoding)), affine=np.eye(4))
+    image.header.set_slope_inter(1.0 / levels, 0.0)
+    return image
 
 
 def _create_temporary_file(folder: Path, prefix: str, suffix: str) -> Path:

@@ -2,6 +2,9 @@
 
 A training checkpoint records the resolved run config, so the model and its data are rebuilt from
 the checkpoint alone; ``data_root=`` points the evaluation at another dataset in the same layout.
+``eval=retrieval released_clip_dir=DIR data_root=ROOT`` evaluates a released DCFormer_SigLIP folder.
+``eval=caption|vqa_closed|vqa_open|all model_dir=DIR data_root=ROOT`` generates with an exported VLM
+and scores with the SPEC §7 metrics; ``eval=score predictions=PATH`` scores an existing file.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def evaluate_retrieval(cfg: DictConfig) -> dict[str, Any]:
 
     from med3dvlm.stages.callbacks import write_json
 
+    if cfg.get("released_clip_dir"):
+        return evaluate_released_retrieval(cfg)
     run_cfg, checkpoint = load_run_config(cfg.ckpt_path)
     with open_dict(run_cfg):
         if cfg.get("data_root"):
@@ -60,7 +65,125 @@ def evaluate_retrieval(cfg: DictConfig) -> dict[str, Any]:
     return report["results"]
 
 
-SUITES = {"retrieval": evaluate_retrieval}
+# Volumes per batch when evaluating a released folder without batch_size=.
+RELEASED_EVAL_BATCH_SIZE = 8
+
+
+def evaluate_released_retrieval(cfg: DictConfig) -> dict[str, Any]:
+    """``released_clip_dir=DIR data_root=ROOT``: the released DCFormer_SigLIP model (SPEC §8) on the
+    M3D-Cap test split under ``data_root``, whose volumes are prepared as the model expects (SPEC §6)."""
+    import lightning as L
+
+    from med3dvlm.data import M3DCapDataModule
+    from med3dvlm.interop import load_released_clip
+    from med3dvlm.stages.callbacks import write_json
+    from med3dvlm.stages.contrastive import MAX_REPORT_TOKENS, ContrastiveCollator, ContrastiveModule
+
+    if not cfg.get("data_root"):
+        raise ValueError("released_clip_dir= needs data_root=DIR, a data root in the M3D-Cap layout (see the README)")
+    model, loss, tokenizer_path = load_released_clip(cfg.released_clip_dir)
+    if tokenizer_path is None:
+        raise ValueError(
+            f"{cfg.released_clip_dir} holds no tokenizer files and its config.json names no language_model_name_or_path"
+        )
+    L.seed_everything(cfg.seed)
+    module = ContrastiveModule(model, loss, retrieval_sizes=list(cfg.eval.sizes), retrieval_ks=list(cfg.eval.ks))
+    collator = ContrastiveCollator(tokenizer_path, max_length=MAX_REPORT_TOKENS, train=False)
+    batch_size = cfg.get("batch_size") or RELEASED_EVAL_BATCH_SIZE
+    datamodule = M3DCapDataModule(cfg.data_root, batch_size=batch_size, collate_fn=collator)
+    trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False)
+    trainer.test(module, datamodule=datamodule)
+    report = module.test_report()
+    out = Path(cfg.paths.output_dir) / report["file"]
+    write_json(out, {"released_clip_dir": str(cfg.released_clip_dir), "results": report["results"]})
+    print(report["table"])
+    log.info("retrieval results written to %s", out)
+    return report["results"]
+
+
+def text_metrics_from_config(metrics_cfg: DictConfig):
+    """The SPEC §7 text metrics as configured in ``configs/eval/text_metrics``."""
+    import torch
+
+    from med3dvlm.eval.text_metrics import BertScoreSettings, TextMetrics
+
+    bertscore = None
+    if metrics_cfg.bertscore.model:
+        settings = OmegaConf.to_container(metrics_cfg.bertscore, resolve=True)
+        if settings["device"] == "auto":
+            settings["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        bertscore = BertScoreSettings(**settings)
+    return TextMetrics(
+        bertscore=bertscore,
+        tokenizer=metrics_cfg.tokenizer,
+        wordnet=metrics_cfg.wordnet,
+        nltk_data_dir=metrics_cfg.nltk_data_dir,
+    )
+
+
+def evaluate_score(cfg: DictConfig) -> dict[str, Any]:
+    """``eval=score predictions=PATH``: score an existing predictions file, ours or another system's."""
+    from med3dvlm.eval.scoring import format_summary_table, score_file
+
+    if not cfg.get("predictions"):
+        raise ValueError(
+            "eval=score needs the predictions file: predictions=PATH (JSONL, one object per sample "
+            "with prediction and reference; VQA rows add question_type, closed ones answer_choice)"
+        )
+    summary = score_file(
+        cfg.predictions,
+        cfg.paths.output_dir,
+        task=cfg.eval.task,
+        make_metrics=lambda: text_metrics_from_config(cfg.eval.text_metrics),
+    )
+    print(format_summary_table(summary))
+    log.info("scores written to %s", cfg.paths.output_dir)
+    return summary
+
+
+def _device(accelerator: str) -> str:
+    import torch
+
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if accelerator == "gpu" else accelerator
+
+
+def evaluate_generation(cfg: DictConfig) -> dict[str, Any]:
+    """``eval=caption|vqa_closed|vqa_open|all model_dir=DIR data_root=DIR``: generate with the VLM
+    (resuming in the same run folder), score as SPEC §7; ``all`` adds retrieval given ``ckpt_path``."""
+    from med3dvlm.eval.generate import evaluate_tasks, plans_from_config
+
+    with_retrieval = cfg.eval.name == "all" and bool(
+        cfg.get("released_clip_dir") or not OmegaConf.is_missing(cfg, "ckpt_path")
+    )
+    if with_retrieval and not cfg.get("released_clip_dir") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint {cfg.ckpt_path} does not exist (ckpt_path= of eval=all, for retrieval)")
+    summaries: dict[str, Any] = evaluate_tasks(
+        plans_from_config(OmegaConf.to_container(cfg.eval, resolve=False)),
+        cfg.model_dir,
+        cfg.data_root,
+        cfg.paths.output_dir,
+        make_metrics=lambda: text_metrics_from_config(cfg.eval.text_metrics),
+        dtype=cfg.dtype,
+        device=_device(cfg.accelerator),
+        seed=cfg.seed,
+    )
+    if with_retrieval:
+        summaries["retrieval"] = evaluate_retrieval(cfg)
+    elif cfg.eval.name == "all":
+        log.info("retrieval skipped: give ckpt_path= (a stage-1 checkpoint) or released_clip_dir= to include it")
+    return summaries
+
+
+SUITES = {
+    "retrieval": evaluate_retrieval,
+    "score": evaluate_score,
+    "caption": evaluate_generation,
+    "vqa_closed": evaluate_generation,
+    "vqa_open": evaluate_generation,
+    "all": evaluate_generation,
+}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

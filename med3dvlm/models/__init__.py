@@ -15,6 +15,10 @@ _EXPORTS = {
     "build_encoder": "encoders",
     "SigLipLoss": "losses",
     "ClipLoss": "losses",
+    "MixerProjector": "projectors",
+    "build_projector": "projectors",
+    "Med3DVLM": "vlm",
+    "build_vlm": "vlm",
 }
 
 

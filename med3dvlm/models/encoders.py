@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from med3dvlm.models.dcformer import DCFORMER_VARIANTS, DCFormer
@@ -20,6 +21,8 @@ ENCODER_CONFIG_FILE = "encoder.json"
 ENCODER_WEIGHTS_FILE = "model.safetensors"
 # Arguments that change how an encoder runs, not what it computes: free to differ from the export.
 _RUNTIME_ONLY = {"gradient_checkpointing", "dropout"}
+# Speed options: how this process runs the encoder; never recorded in encoder.json (see apply_speed_options).
+SPEED_OPTIONS = ("channels_last", "compile")
 
 
 def build_encoder(name: str = "dcformer", pretrained: str | None = None, **kwargs: Any) -> nn.Module:
@@ -28,9 +31,11 @@ def build_encoder(name: str = "dcformer", pretrained: str | None = None, **kwarg
     Every encoder returns a list of token tensors ``(B, N_i, C_i)`` and exposes ``stage_channels``.
     ``pretrained`` is a folder written by :func:`save_pretrained_encoder` (e.g. stage 1's
     ``image_encoder/``); its saved architecture must agree with the arguments given here.
+    ``channels_last`` / ``compile``: see :func:`apply_speed_options`.
     """
+    speed = {key: kwargs.pop(key) for key in SPEED_OPTIONS if key in kwargs}
     if pretrained is not None:
-        return load_pretrained_encoder(pretrained, expected={"name": name, **kwargs})
+        return apply_speed_options(load_pretrained_encoder(pretrained, expected={"name": name, **kwargs}), **speed)
     if name == "dcformer":
         encoder = DCFormer(**kwargs)
     elif name == "vit3d":
@@ -39,6 +44,27 @@ def build_encoder(name: str = "dcformer", pretrained: str | None = None, **kwarg
         variants = ", ".join(DCFORMER_VARIANTS)
         raise ValueError(f"unknown encoder {name!r}: choose 'dcformer' (variants {variants}) or 'vit3d'")
     encoder.build_config = {"name": name, **{k: _plain(v) for k, v in kwargs.items()}}
+    return apply_speed_options(encoder, **speed)
+
+
+def apply_speed_options(encoder: nn.Module, channels_last: bool = False, compile: bool = False) -> nn.Module:
+    """Training-speed options that leave parameter names and results unchanged (measured in
+    ``experiments/benchmarks/bench_train_step.py``; on a CPU neither pays for DCFormer, see README).
+
+    ``channels_last``: the weights of 3D convolutions in ``channels_last_3d`` memory format, so they
+    keep the feature maps channels-last (cuDNN / oneDNN pick their NDHWC kernels). Convolutions with
+    one input channel (DCFormer's first, on the raw volume) are left as they are: on torch 2.13's CPU
+    build a channels-last conv3d there corrupted the heap (crashes seen with DCFormer-small at
+    32x64x64). ``compile``: ``nn.Module.compile`` in place (torch.compile of the forward; the first
+    steps pay the compile time), unlike ``torch.compile(module)``, which would prefix every parameter
+    name with ``_orig_mod.``.
+    """
+    if channels_last:
+        for module in encoder.modules():
+            if isinstance(module, nn.Conv3d) and module.in_channels > 1:
+                module.to(memory_format=torch.channels_last_3d)
+    if compile:
+        encoder.compile()
     return encoder
 
 

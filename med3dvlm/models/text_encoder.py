@@ -18,11 +18,20 @@ def _is_local(name_or_path: str) -> bool:
     return os.path.isdir(name_or_path) or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
+POOLINGS = ("cls", "mean")
+
+
 class TextEncoder(nn.Module):
-    """``AutoModel`` + first-token (CLS) pooling; ``hidden_size`` covers BERT and DistilBERT configs.
+    """``AutoModel`` + pooling to one vector; ``hidden_size`` covers BERT and DistilBERT configs.
+
+    ``pooling="cls"`` (default) is SPEC §3's first-token state; ``"mean"`` averages the unpadded
+    tokens, which is how sentence-embedding models such as all-MiniLM-L6-v2 were trained.
 
     ``freeze_layers`` keeps the embeddings and the lowest N transformer layers fixed, and
-    ``trainable=False`` freezes everything: on a CPU this is what makes a pretrained text tower cheap.
+    ``trainable=False`` freezes everything (a locked text tower, as in LiT): it then always runs in
+    eval mode, so an embedding is a pure function of the tokens, and ``cache_embeddings=True``
+    remembers each one. After the first epoch the text tower costs nothing, which is what makes
+    training on a CPU affordable.
     """
 
     def __init__(
@@ -31,13 +40,22 @@ class TextEncoder(nn.Module):
         trainable: bool = True,
         freeze_layers: int = 0,
         gradient_checkpointing: bool = False,
+        pooling: str = "cls",
+        cache_embeddings: bool = False,
     ) -> None:
         super().__init__()
         from transformers import AutoModel
 
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         self.name_or_path = name_or_path
         self.model = AutoModel.from_pretrained(name_or_path, local_files_only=_is_local(name_or_path))
-        self.model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout on
+        self.trainable = trainable
+        if cache_embeddings and trainable:
+            raise ValueError("cache_embeddings needs trainable=False: a trained tower's embeddings change")
+        self._cache: dict[bytes, torch.Tensor] | None = {} if cache_embeddings else None
+        self.model.train(trainable)  # from_pretrained returns eval mode; fine-tuning wants dropout on
         config = self.model.config
         self.hidden_size = getattr(config, "hidden_size", None) or config.dim  # DistilBERT names it `dim`
         if gradient_checkpointing:
@@ -57,9 +75,30 @@ class TextEncoder(nn.Module):
         for layer in layers[:count]:
             layer.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        if not self.trainable:
+            self.model.eval()  # a locked tower never runs dropout
+        return self
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self._cache is None:
+            return self._encode(input_ids, attention_mask)
+        keys = [ids[mask.bool()].cpu().numpy().tobytes() for ids, mask in zip(input_ids, attention_mask)]
+        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        if missing:
+            with torch.no_grad():
+                fresh = self._encode(input_ids[missing], attention_mask[missing])
+            for i, vector in zip(missing, fresh):
+                self._cache[keys[i]] = vector.detach()
+        return torch.stack([self._cache[key] for key in keys]).to(input_ids.device)
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden[:, 0]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 def _transformer_layers(model: nn.Module) -> nn.ModuleList:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from functools import partial
@@ -192,7 +191,7 @@ class ContrastiveModule(L.LightningModule):
         return {"file": "retrieval.json", "results": results, "table": format_retrieval_table(results)}
 
     def configure_optimizers(self):
-        from transformers import get_cosine_schedule_with_warmup
+        from med3dvlm.stages.schedules import warmup_cosine_schedule
 
         decay, no_decay = [], []
         for parameter in self.model.parameters():
@@ -211,7 +210,5 @@ class ContrastiveModule(L.LightningModule):
             )
         else:
             optimizer = self.optimizer_factory(groups)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup_steps = math.ceil(self.warmup_ratio * total_steps)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        scheduler = warmup_cosine_schedule(optimizer, self.warmup_ratio, lambda: self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

