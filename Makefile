@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,offline-models
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: install test test-slow test-all phantoms pipeline wordnet bench-data clean help
+.PHONY: install test test-slow test-all phantoms pipeline wordnet bench-data bench clean help
 
 help:
 	@echo "make install    install torch ($(TORCH_SPEC)) and med3dvlm[$(EXTRAS)] in editable mode"
@@ -15,6 +15,7 @@ help:
 	@echo "make phantoms   write the embedded phantom dataset to data/phantoms"
 	@echo "make pipeline   siglip -> pretrain -> finetune -> export on the phantoms (OUT=dir)"
 	@echo "make bench-data volumes/s that load_volume reads: .nii.gz vs the fast .nii copies (cold, warm cache)"
+	@echo "make bench      all benchmarks (encoders, training step, loader, generation, SigLIP loss, 7B memory)"
 	@echo "make wordnet    offline WordNet 3.0 for METEOR (Debian packages, then an nltk_data folder)"
 
 install:
@@ -49,6 +50,20 @@ wordnet:
 # volumes/s of .nii.gz against the fast uncompressed .nii copies, 128x256x256, one process
 bench-data:
 	$(PYTHON) experiments/bench_data.py
+
+# experiments/benchmarks/*: each prints its tables and writes outputs/benchmarks/<name>.json; then
+# bench-data. Tens of minutes on 2 CPU cores. BENCH_ARGS go to every script, e.g. "--threads 1",
+# "--quick" (seconds, tiny sizes) or "--repeats 5"; BENCH_COMPILE="" skips the torch.compile rows.
+BENCH_ARGS ?=
+BENCH_COMPILE ?= --compile
+bench:
+	$(PYTHON) experiments/benchmarks/bench_encoder.py $(BENCH_COMPILE) $(BENCH_ARGS)
+	$(PYTHON) experiments/benchmarks/bench_train_step.py $(BENCH_COMPILE) $(BENCH_ARGS)
+	$(PYTHON) experiments/benchmarks/bench_loader.py $(BENCH_ARGS)
+	$(PYTHON) experiments/benchmarks/bench_generation.py $(BENCH_ARGS)
+	$(PYTHON) experiments/benchmarks/bench_siglip_loss.py $(BENCH_ARGS)
+	$(PYTHON) experiments/benchmarks/bench_memory_7b.py $(BENCH_ARGS)
+	$(MAKE) bench-data PYTHON=$(PYTHON)
 
 # stage 1 -> 2 -> 3 -> export with the hand-offs wired (experiments/pipeline.sh documents the options)
 OUT ?=

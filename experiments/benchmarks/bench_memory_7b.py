@@ -91,6 +91,16 @@ def with_lora(model):
     return get_peft_model(model, config)
 
 
+def enable_checkpointing(model) -> None:
+    """Hugging Face activation checkpointing of every decoder layer, non-reentrant (transformers 5
+    renamed ``gradient_checkpointing_enable``)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def forward_memory(run) -> tuple[int, int]:
     """(bytes alive after ``run()``'s forward, peak bytes over forward + backward)."""
     with harness.LiveTensorPeak() as live:
@@ -105,7 +115,7 @@ def decoder_activations(hidden: int, layers: int, sequence: int, checkpointing: 
     model, config = small_qwen(hidden, layers)
     model = with_lora(model)
     if checkpointing:
-        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model.base_model.model)
     model.train()
     embeds = torch.randn(1, sequence, hidden, dtype=torch.bfloat16, requires_grad=True)
     decoder = model.base_model.model.model

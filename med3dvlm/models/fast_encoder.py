@@ -89,7 +89,6 @@ class StridedStemConv(nn.Module):
         first = conv.branches[0].conv
         self.kernel_size = first.kernel_size[0]
         self.stride = first.stride[0]
-        self.in_channels = first.in_channels
         kernels, bias = _folded_axis_kernels(conv)
         centre = self.kernel_size // 2
         # one (C_out, C_in) weight per im2col column: the shared centre (three axes summed) first
@@ -108,7 +107,7 @@ class StridedStemConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, D, H, W)`` -> ``(B, D', H', W', C_out)``."""
-        k, s, p = self.kernel_size, self.stride, self.kernel_size // 2
+        s, p = self.stride, self.kernel_size // 2
         b, c = x.shape[:2]
         out_sizes = [(n - 1) // s + 1 for n in x.shape[2:]]
         padded = F.pad(x, (p, p) * 3)
