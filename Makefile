@@ -3,15 +3,17 @@ PYTHON ?= python
 # torch first: 2.13.0 resolves to a small CPU build on the project's CI machines; on a GPU machine
 # use e.g. `make install TORCH_SPEC="torch==2.5.1"` (any 2.3+ release works).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,offline-models
+EXTRAS ?= dev,offline-models,app
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: install test test-slow test-all phantoms pipeline wordnet bench-data bench clean help
+.PHONY: install test test-slow test-all test-app browser phantoms pipeline wordnet bench-data bench clean help
 
 help:
 	@echo "make install    install torch ($(TORCH_SPEC)) and med3dvlm[$(EXTRAS)] in editable mode"
 	@echo "make test       fast test suite (< 15 min on 2 CPU cores); slow tests skipped"
 	@echo "make test-slow  only the slow tests (long end-to-end runs)"
+	@echo "make test-app   the app in headless Chromium and the quickstart notebook (make browser first)"
+	@echo "make browser    Debian's chromium + chromium-driver for the browser test (apt-get, when missing)"
 	@echo "make phantoms   write the embedded phantom dataset to data/phantoms"
 	@echo "make pipeline   siglip -> pretrain -> finetune -> export on the phantoms (OUT=dir)"
 	@echo "make bench-data volumes/s that load_volume reads: .nii.gz vs the fast .nii copies (cold, warm cache)"
@@ -34,6 +36,19 @@ test-slow:
 
 test-all:
 	$(PYTEST) -q
+
+# The Gradio app driven by headless Chromium (upload, slider, question, screenshot) and the executed
+# quickstart notebook; both are also in test-slow. MED3DVLM_REQUIRE_BROWSER=1 turns a missing
+# browser from a skip into a failure (.ci/run sets it).
+test-app:
+	$(PYTEST) -q -m slow tests/test_app_browser.py tests/test_notebook.py
+
+# Chromium and its WebDriver for test-app, from Debian (apt-get needs root; sudo is used if present).
+browser:
+	@if ! command -v chromedriver >/dev/null || ! { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || command -v sudo ); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; \
+	fi
 
 phantoms:
 	$(PYTHON) -m med3dvlm.data.phantoms --root data/phantoms

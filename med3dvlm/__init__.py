@@ -12,7 +12,13 @@ __version__ = "0.1.0"
 
 _SUBMODULES = ("models", "data", "stages", "eval", "interop")
 # Top-level names, imported on first use: name -> module.
-_LAZY_EXPORTS = {"Med3DVLM": "med3dvlm.models.vlm"}
+_LAZY_EXPORTS = {
+    "Med3DVLM": "med3dvlm.models.vlm",
+    # using a trained model (README "Using a trained model")
+    "load_model": "med3dvlm.api",
+    "RetrievalModel": "med3dvlm.api",
+    "VisionLanguageModel": "med3dvlm.api",
+}
 
 
 def __getattr__(name: str):

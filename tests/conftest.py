@@ -61,3 +61,11 @@ def write_csv(path: Path, columns: tuple[str, ...] | list[str], rows: list[list[
 def csv_writer():
     """``write_csv(path, columns, rows)`` for tests that hand-write a CSV."""
     return write_csv
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny exported VLM and stage-1 models plus phantom volumes (``tests/tiny_models.py``), built once."""
+    from tiny_models import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))

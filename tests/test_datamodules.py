@@ -148,6 +148,17 @@ def test_mixture_concatenates_tasks_and_limits_each(tiny_m3d_root):
 def test_mixture_rejects_unknown_tasks(tiny_m3d_root):
     with pytest.raises(ValueError, match="tasks"):
         MixtureDataModule(tiny_m3d_root, tasks=["caption", "vqa"])
+    with pytest.raises(ValueError, match="test_tasks"):
+        MixtureDataModule(tiny_m3d_root, tasks=["caption"], test_tasks=["vqa"])
+
+
+def test_mixture_test_tasks_choose_the_test_split_only(tiny_m3d_root):
+    datamodule = MixtureDataModule(tiny_m3d_root, tasks=FINETUNE_TASKS, test_tasks=["vqa_closed"], max_samples=1)
+    datamodule.setup(None)
+
+    assert [s.task for s in datamodule.datasets["test"].samples] == ["vqa_closed"]
+    assert [s.task for s in datamodule.datasets["validation"].samples] == list(FINETUNE_TASKS)
+    assert [s.task for s in datamodule.datasets["train"].samples] == list(FINETUNE_TASKS)
 
 
 class CountingCollate:

@@ -82,6 +82,8 @@ def test_reading_names_the_bad_line(tmp_path):
 
 def _report_predictions(tmp_path: Path) -> Path:
     """Each real report against a truncated copy of itself (odd ids) or the next report (even)."""
+    if not REPORTS_DIR.is_dir():
+        pytest.skip(f"reference reports {REPORTS_DIR} not present (the project's shared/ folder sits beside the clone)")
     reports = [path.read_text(encoding="utf-8").strip() for path in sorted(REPORTS_DIR.glob("*.txt"))]
     rows = []
     for i, report in enumerate(reports):

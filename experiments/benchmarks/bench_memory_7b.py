@@ -92,13 +92,11 @@ def with_lora(model):
 
 
 def enable_checkpointing(model) -> None:
-    """Hugging Face activation checkpointing of every decoder layer, non-reentrant (transformers 5
-    renamed ``gradient_checkpointing_enable``)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    """What ``llm.gradient_checkpointing=true`` does: Hugging Face activation checkpointing of every
+    decoder layer, non-reentrant."""
+    from med3dvlm.models.llm import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(model)
 
 
 def forward_memory(run) -> tuple[int, int]:
@@ -150,8 +148,6 @@ def encoder_peak(shape: tuple[int, int, int], bf16: bool, checkpointing: bool) -
 
     torch.manual_seed(0)
     encoder = DCFormer("small", gradient_checkpointing=checkpointing).train()
-    if bf16:
-        harness.bf16_safe_dcformer(encoder)
     volume = torch.rand(ENCODER_BATCH, 1, *shape)
 
     def run():

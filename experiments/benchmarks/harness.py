@@ -286,27 +286,3 @@ def compose_train_config(overrides: Sequence[str], output_dir: str | os.PathLike
         for key in ("output_dir", "log_dir", "data_dir", "work_dir"):
             cfg.paths[key] = str(Path(output_dir) / key)
     return cfg
-
-
-class Float32Island(torch.nn.Module):
-    """Runs ``module`` in fp32 inside a bf16-autocast region."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return self.module(x.float())
-
-
-def bf16_safe_dcformer(dcformer: torch.nn.Module) -> torch.nn.Module:
-    """``dcformer`` with its first convolution (one input channel, stride 4) kept in fp32 under
-    autocast, on CPUs only: torch 2.13's CPU bf16 conv3d with one input channel, stride 4 and a
-    (1,1,7) kernel corrupts the heap (e.g. ``F.conv3d(x, w, stride=4, padding=(0, 0, 3))`` with
-    ``x`` (2,1,32,32,16) and ``w`` (32,1,1,1,7) in bf16 crashes within 50 calls). Modifies in place."""
-    if not torch.cuda.is_available():
-        convs = dcformer.stages[0].convs
-        if not isinstance(convs[0], Float32Island):
-            convs[0] = Float32Island(convs[0])
-    return dcformer

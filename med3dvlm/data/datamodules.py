@@ -152,9 +152,10 @@ class MixtureDataModule(L.LightningDataModule):
     shuffled. ``max_samples`` keeps the first N samples of each task in each split, for quick runs.
     ``collate_fn`` is the stages' tokenisation hook (default ``collate_samples``). ``seed`` fixes
     the augmentation stream; by default it follows torch's seed (``seed_everything``).
-    Records skipped while reading are kept in ``skipped_records[split]``. ``volume_format``
-    (``nii.gz``, ``nii``, ``npy``; None = as listed) reads each listed volume's sibling of that
-    format instead, e.g. ``nii`` for the fast uncompressed copies (``med3dvlm.data.volumes``).
+    ``test_tasks`` (default: ``tasks``) are the tasks of the test split, e.g. only ``vqa_closed``
+    when testing scores the closed questions alone. Records skipped while reading are kept in
+    ``skipped_records[split]``. ``volume_format`` (``nii.gz``, ``nii``, ``npy``; None = as listed)
+    reads each listed volume's sibling of that format instead, e.g. ``nii`` for the fast uncompressed copies (``med3dvlm.data.volumes``).
     """
 
     def __init__(
@@ -172,6 +173,7 @@ class MixtureDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         seed: int | None = None,
         volume_format: str | None = None,
+        test_tasks: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         check_on_bad_sample(on_bad_sample)
@@ -180,10 +182,15 @@ class MixtureDataModule(L.LightningDataModule):
         unknown = [task for task in tasks if task not in TASKS]
         if not tasks or unknown or len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks must be distinct names from {TASKS}, got {list(tasks)}")
+        test_tasks = tasks if test_tasks is None else tuple(test_tasks)
+        unknown = [task for task in test_tasks if task not in TASKS]
+        if not test_tasks or unknown or len(set(test_tasks)) != len(test_tasks):
+            raise ValueError(f"test_tasks must be distinct names from {TASKS} (or null), got {list(test_tasks)}")
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be positive or None, got {max_samples}")
         self.root = Path(root)
         self.tasks = tasks
+        self.test_tasks = test_tasks
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.spatial_size = None if spatial_size is None else tuple(int(edge) for edge in spatial_size)
@@ -215,7 +222,7 @@ class MixtureDataModule(L.LightningDataModule):
     def _build_dataset(self, split: str) -> VolumeTextDataset:
         samples: list[Sample] = []
         skipped: list[SkippedSample] = []
-        for task in self.tasks:
+        for task in self.test_tasks if split == "test" else self.tasks:
             result = read_task_split(self.root, task, split, self.on_bad_sample, self.volume_format)
             samples.extend(result.samples[: self.max_samples])
             skipped.extend(result.skipped)

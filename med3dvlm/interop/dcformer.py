@@ -36,6 +36,7 @@ from med3dvlm.interop.naming import (
     load_strict,
 )
 from med3dvlm.models.dcformer import DCFORMER_VARIANTS, DCFormer
+from med3dvlm.models.encoders import apply_speed_options
 
 # The released module keeps its stages under this attribute.
 RELEASED_ENCODER_PREFIX = "encoder."
@@ -178,6 +179,8 @@ def released_dcformer_encoder(
     variant: str | None = None,
     name: str = "dcformer",
     stem_activation: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
     **options: Any,
 ) -> DCFormer:
     """A DCFormer from a released checkpoint, as a drop-in for ``build_encoder`` in Hydra configs.
@@ -185,7 +188,8 @@ def released_dcformer_encoder(
     ``path`` is a released folder (DCFormer_SigLIP, Med3DVLM-Qwen-2.5-7B) or a weights file
     (``.safetensors`` / ``.bin``); the DCFormer is found under ``vision_encoder.``,
     ``model.vision_tower.vision_tower.`` or at the top level. In a VLM folder ``vision_tower.bin``
-    takes precedence, as in the released demo. Example::
+    takes precedence, as in the released demo. ``channels_last`` / ``compile``: the encoder config's
+    speed options (:func:`med3dvlm.models.encoders.apply_speed_options`), not part of the export. Example::
 
         python -m med3dvlm.train encoder=dcformer_small \\
             encoder._target_=med3dvlm.interop.released_dcformer_encoder +encoder.path=/models/DCFormer_SigLIP
@@ -204,7 +208,8 @@ def released_dcformer_encoder(
     names_of_interest = tuple(location + RELEASED_ENCODER_PREFIX for location in RELEASED_DCFORMER_LOCATIONS)
     weights = read_weights(files, keep=lambda key: key.startswith(names_of_interest))
     state_dict = extract_released_dcformer(weights, str(path))
-    return load_released_dcformer(state_dict, variant, stem_activation=stem_activation, **options)
+    encoder = load_released_dcformer(state_dict, variant, stem_activation=stem_activation, **options)
+    return apply_speed_options(encoder, channels_last=channels_last, compile=compile)
 
 
 def extract_released_dcformer(weights: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -64,7 +65,31 @@ class AxisConvNorm(nn.Module):
         self.norm = nn.BatchNorm3d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv.in_channels == 1 and _bf16_on_cpu(x):
+            return self.norm(self._conv_fp32(x))
         return self.norm(self.conv(x))
+
+    def _conv_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution in fp32, its result in ``x``'s dtype (fp32 under autocast, whose input volume
+        is fp32). Torch 2.13's CPU (oneDNN) bf16 conv3d with one input channel, stride 4 and a
+        ``(1, 1, 7)`` kernel, DCFormer's first convolution, corrupts the heap (a crash within tens of
+        calls: ``F.conv3d(x, w, stride=4, padding=(0, 0, 3))``, ``x`` (2, 1, 32, 32, 16) and ``w``
+        (32, 1, 1, 1, 7) in bf16, contiguous or not). This convolution is one of the cheapest in the
+        network (one input channel), so fp32 costs nothing measurable."""
+        conv = self.conv
+        bias = conv.bias.float() if conv.bias is not None else None
+        with torch.autocast("cpu", enabled=False):
+            y = F.conv3d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return y.to(x.dtype)
+
+
+def _bf16_on_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` goes through a bf16 CPU convolution: a bf16 tensor, or bf16 autocast on the CPU."""
+    if x.device.type != "cpu":
+        return False
+    return x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
 
 
 class DecomposedConv3d(nn.Module):

@@ -37,7 +37,9 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("MED3DVLM_CACHE", DEFAULT_CACHE_DIR))
 
 
-def converted_gguf_folder(folder: str | os.PathLike, gguf_file: str, cache_dir: str | os.PathLike | None = None) -> Path:
+def converted_gguf_folder(
+    folder: str | os.PathLike, gguf_file: str, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """A safetensors copy of ``folder/gguf_file`` (model + tokenizer), converted on first use.
 
     The cache key is the GGUF file's name, size and modification time, so a replaced file is
@@ -125,12 +127,53 @@ def load_language_model(
     attn_implementation: str | None = "sdpa",
     cache_dir: str | None = None,
     vocab_size: int | None = None,
+    gradient_checkpointing: bool = False,
     **_: Any,
 ) -> nn.Module:
     """An ``AutoModelForCausalLM`` from a hub id / folder, a GGUF file, or a config (random weights).
 
     ``vocab_size`` (config-built models only) defaults to the tokenizer's size, set by the caller.
+    ``gradient_checkpointing``: see :func:`enable_gradient_checkpointing`.
     """
+    model = _load_language_model(
+        name_or_path, gguf_file, config, init_seed, dtype, attn_implementation, cache_dir, vocab_size
+    )
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Hugging Face activation checkpointing of every decoder layer, non-reentrant: in training mode
+    each layer keeps only its input and recomputes the rest in backward (the paper's 7B LoRA fine-tune
+    needs it to fit 80 GB, see README "Speed"); it does nothing in eval mode or without gradients, so
+    stage 2's frozen LLM is unaffected. Gradients are those of the plain model. Non-reentrant
+    checkpointing needs no input that requires grad, so LoRA works without ``enable_input_require_grads``
+    (peft calls it anyway when it wraps a checkpointed model). Transformers 5 renamed the method to
+    ``activation_checkpointing_enable``; both are handled. Modifies ``model`` in place."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 4
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+def is_gradient_checkpointing(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on for this LLM (inside a peft wrapper too)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+def _load_language_model(
+    name_or_path: str | None,
+    gguf_file: str | None,
+    config: dict[str, Any] | None,
+    init_seed: int,
+    dtype: str,
+    attn_implementation: str | None,
+    cache_dir: str | None,
+    vocab_size: int | None,
+) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -1,0 +1,292 @@
+"""Using a trained model from Python: embed, retrieve, ask, describe.
+
+    import med3dvlm
+    model = med3dvlm.load_model("exports/vlm")      # an export folder, or a training checkpoint
+    model.ask("scan.nii.gz", "Which organ has a lesion?")
+
+:func:`load_model` returns a :class:`RetrievalModel` for a stage-1 (SigLIP/CLIP) model and a
+:class:`VisionLanguageModel` for a VLM (stages 2-3). A volume argument is a path (``.nii``,
+``.nii.gz``, ``.npy``, read as the training data is) or an array / tensor of shape ``(D, H, W)`` or
+``(1, D, H, W)``. It is brought to what the model was trained on: resized trilinearly to the model's
+volume size and, when its values leave [0, 1] (e.g. CT in Hounsfield units), scaled by min and max.
+For CT in HU, ``python -m med3dvlm.prepare`` (soft-tissue window, crop) matches training better.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from med3dvlm.data import layout
+
+log = logging.getLogger(__name__)
+
+VolumeLike = str | os.PathLike | np.ndarray | torch.Tensor
+# Decoding length when the caller gives none: a phantom report is ~60 tokens, an M3D one ~150.
+DEFAULT_MAX_NEW_TOKENS = 256
+# Volumes encoded per forward pass in retrieve_volumes / embed_images.
+EMBED_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Match:
+    """One retrieval result: ``index`` into the candidates, their ``label`` (text or file name), score."""
+
+    index: int
+    label: str
+    score: float
+
+
+def volume_array(volume: VolumeLike) -> np.ndarray:
+    """``(1, D, H, W)`` float32 from a path (via ``load_volume``: errors name the file) or an array."""
+    if isinstance(volume, (str, os.PathLike)):
+        from med3dvlm.data.volumes import load_volume
+
+        return load_volume(volume)
+    array = volume.detach().cpu().float().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3 or min(array.shape) == 0:
+        raise ValueError(f"a volume array must be (D, H, W) or (1, D, H, W), no axis empty; got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+        raise ValueError(f"a volume array must hold numbers, got dtype {array.dtype}")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError("the volume array holds NaN or infinite values")
+    return np.ascontiguousarray(array[np.newaxis])
+
+
+def scale_to_unit_range(volume: np.ndarray) -> np.ndarray:
+    """The volume unchanged when it lies in [0, 1] (prepared data), else min-max scaled to [0, 1]."""
+    low, high = float(volume.min()), float(volume.max())
+    if low >= 0.0 and high <= 1.0:
+        return volume
+    if high == low:
+        return np.zeros_like(volume)
+    return (volume - np.float32(low)) / np.float32(high - low)
+
+
+def model_input(volume: VolumeLike, image_size: Sequence[int] | None) -> torch.Tensor:
+    """``(1, D, H, W)`` float32 in [0, 1] at ``image_size`` (the model's trained size; None = as is)."""
+    from med3dvlm.data.transforms import IMAGE_KEY, eval_transforms
+
+    array = scale_to_unit_range(volume_array(volume))
+    size = None if image_size is None or tuple(array.shape[1:]) == tuple(image_size) else image_size
+    return eval_transforms(size)({IMAGE_KEY: array})[IMAGE_KEY]
+
+
+def volume_label(volume: VolumeLike, index: int) -> str:
+    return str(volume) if isinstance(volume, (str, os.PathLike)) else f"volume {index}"
+
+
+def _top_k(scores: torch.Tensor, labels: Sequence[str], k: int) -> list[Match]:
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    values, indices = torch.topk(scores, min(k, scores.numel()))
+    return [Match(int(i), labels[int(i)], float(v)) for v, i in zip(values, indices)]
+
+
+def _parameter(module: torch.nn.Module) -> torch.Tensor:
+    return next(module.parameters())
+
+
+class RetrievalModel:
+    """A stage-1 model: image and text embeddings in one space, compared by cosine similarity.
+
+    Embeddings are L2-normalised (SPEC §3), so a dot product is the cosine.
+    """
+
+    kind = "retrieval"
+
+    def __init__(self, model: Any, tokenizer: Any, image_size: Sequence[int] | None, max_text_tokens: int = 512):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_size = None if image_size is None else tuple(int(n) for n in image_size)
+        self.max_text_tokens = int(max_text_tokens)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> RetrievalModel:
+        from med3dvlm.models.contrastive import load_pretrained_contrastive
+
+        model, tokenizer, config = load_pretrained_contrastive(path)
+        return cls(model, tokenizer, config["image_size"], config["text_encoder"]["max_length"])
+
+    @torch.no_grad()
+    def embed_images(self, volumes: Sequence[VolumeLike], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
+        """``(N, embed_dim)`` unit vectors, on the CPU."""
+        parameter = _parameter(self.model.image_encoder)
+        chunks = []
+        for start in range(0, len(volumes), batch_size):
+            batch = torch.stack([model_input(v, self.image_size) for v in volumes[start : start + batch_size]])
+            chunks.append(self.model.encode_image(batch.to(parameter.device, parameter.dtype)).float().cpu())
+        if not chunks:
+            raise ValueError("no volumes given")
+        return torch.cat(chunks)
+
+    def embed_image(self, volume: VolumeLike) -> torch.Tensor:
+        """``(embed_dim,)`` unit vector of one volume."""
+        return self.embed_images([volume])[0]
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, embed_dim)`` unit vectors. A text over the model's token budget is shortened as the
+        evaluation does (SPEC §3: first sentence, then the others in order while they fit)."""
+        from med3dvlm.stages.contrastive import fit_report_to_budget
+
+        if isinstance(texts, str) or not texts:
+            raise ValueError("texts must be a non-empty list of strings")
+
+        def count_tokens(text: str) -> int:
+            return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+        fitted = [fit_report_to_budget(text, count_tokens, self.max_text_tokens) for text in texts]
+        tokens = self.tokenizer(
+            fitted, padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        )
+        device = _parameter(self.model.text_projection).device
+        embedded = self.model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        return embedded.float().cpu()
+
+    def embed_text(self, text: str) -> torch.Tensor:
+        return self.embed_texts([text])[0]
+
+    def similarity(self, volume: VolumeLike, texts: Sequence[str]) -> torch.Tensor:
+        """Cosine similarity of the volume with each text, ``(N,)``."""
+        return self.embed_texts(texts) @ self.embed_image(volume)
+
+    def retrieve_texts(self, volume: VolumeLike, texts: Sequence[str], k: int = 5) -> list[Match]:
+        """The ``k`` texts closest to the volume, best first (image -> text retrieval)."""
+        return _top_k(self.similarity(volume, texts), list(texts), k)
+
+    def retrieve_volumes(self, text: str, volumes: Sequence[VolumeLike], k: int = 5) -> list[Match]:
+        """The ``k`` volumes closest to the text, best first (text -> image retrieval)."""
+        scores = self.embed_images(volumes) @ self.embed_text(text)
+        return _top_k(scores, [volume_label(v, i) for i, v in enumerate(volumes)], k)
+
+
+def question_prompt(question: str, choices: Sequence[str] | dict[str, str] | None = None) -> str:
+    """The question as the VLM was trained on it: as it is, or with four ``choices`` (a list, or a
+    dict keyed A-D) in the closed format ``"{question} Choices: A. .. B. .. C. .. D. .."`` (SPEC §6)."""
+    question = question.strip()
+    if not question:
+        raise ValueError("the question is empty")
+    if choices is None:
+        return question
+    if isinstance(choices, dict):
+        options = {str(letter).upper(): str(text) for letter, text in choices.items()}
+    elif isinstance(choices, str) or len(choices) != len(layout.ANSWER_LETTERS):
+        options = {}
+    else:
+        options = dict(zip(layout.ANSWER_LETTERS, (str(choice) for choice in choices)))
+    if set(options) != set(layout.ANSWER_LETTERS):
+        raise ValueError(
+            "choices must be four answers, a list or a dict with keys A-D (the closed-question format the "
+            f"model was trained on); got {choices!r}"
+        )
+    return layout.closed_prompt(question, options)
+
+
+class VisionLanguageModel:
+    """A VLM (:class:`med3dvlm.Med3DVLM`): answers questions about a volume and writes reports.
+
+    Decoding is greedy (deterministic), as the evaluation's default; the prompts are the training
+    formats (SPEC §5-6), so the model sees what it learned from.
+    """
+
+    kind = "vlm"
+
+    def __init__(self, model: Any, max_new_tokens: int | None = None):
+        self.model = model.eval()
+        self.max_new_tokens = max_new_tokens  # None: DEFAULT_MAX_NEW_TOKENS
+
+    @property
+    def image_size(self) -> tuple[int, ...]:
+        return self.model.image_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> VisionLanguageModel:
+        from med3dvlm.models.vlm import Med3DVLM
+
+        return cls(Med3DVLM.from_pretrained(path, dtype=dtype))
+
+    def _images(self, volume: VolumeLike) -> torch.Tensor:
+        parameter = _parameter(self.model.image_encoder)
+        return model_input(volume, self.image_size).unsqueeze(0).to(parameter.device, parameter.dtype)
+
+    @torch.no_grad()
+    def embed_image(self, volume: VolumeLike) -> torch.Tensor:
+        """The volume as the LLM sees it: ``(num_image_tokens, LLM width)`` projector outputs."""
+        return self.model.encode_images(self._images(volume))[0].float().cpu()
+
+    def prompt(self, question: str, choices: Sequence[str] | dict[str, str] | None = None) -> str:
+        """The training prompt for ``question`` (see :func:`question_prompt`)."""
+        return question_prompt(question, choices)
+
+    def ask(
+        self,
+        volume: VolumeLike,
+        question: str,
+        choices: Sequence[str] | dict[str, str] | None = None,
+        max_new_tokens: int | None = None,
+    ) -> str:
+        """The model's answer; with four ``choices`` it answers ``"<letter>. <choice>"`` (closed VQA)."""
+        return self.generate(volume, self.prompt(question, choices), max_new_tokens)
+
+    def describe(self, volume: VolumeLike, max_new_tokens: int | None = None) -> str:
+        """A report of the volume (the report-generation prompt of training)."""
+        return self.generate(volume, layout.CAPTION_PROMPT, max_new_tokens)
+
+    @torch.no_grad()
+    def generate(self, volume: VolumeLike, prompt: str, max_new_tokens: int | None = None) -> str:
+        """Greedy answer to ``prompt`` as written (the image tokens are added)."""
+        tokens = next(n for n in (max_new_tokens, self.max_new_tokens, DEFAULT_MAX_NEW_TOKENS) if n is not None)
+        return self.model.answer(self._images(volume), [prompt], max_new_tokens=int(tokens))[0].strip()
+
+
+Model = RetrievalModel | VisionLanguageModel
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | None = None) -> Model:
+    """The model at ``path``, ready to use (eval mode): an export folder (``python -m med3dvlm.export``)
+    or a training checkpoint (``.ckpt``) of stage 1 (-> :class:`RetrievalModel`) or 2-3
+    (-> :class:`VisionLanguageModel`, LoRA merged). ``device`` / ``dtype`` (e.g. ``"cuda"``,
+    ``"bfloat16"``) move it."""
+    from med3dvlm.models.contrastive import CONTRASTIVE_CONFIG_FILE
+    from med3dvlm.models.vlm import VLM_CONFIG_FILE
+
+    path = Path(path)
+    if path.is_dir():
+        if (path / VLM_CONFIG_FILE).is_file():
+            loaded: Model = VisionLanguageModel.from_pretrained(path)
+        elif (path / CONTRASTIVE_CONFIG_FILE).is_file():
+            loaded = RetrievalModel.from_pretrained(path)
+        else:
+            raise FileNotFoundError(
+                f"{path} holds neither {VLM_CONFIG_FILE} (a VLM) nor {CONTRASTIVE_CONFIG_FILE} (a stage-1 model): "
+                "write one with `python -m med3dvlm.export <run>/checkpoints/last.ckpt <dir>`"
+            )
+    elif path.is_file():
+        loaded = _load_checkpoint(path)
+    else:
+        raise FileNotFoundError(f"{path} does not exist: give an export folder or a training checkpoint (.ckpt)")
+    if device is not None or dtype is not None:
+        loaded.model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return loaded
+
+
+def _load_checkpoint(path: Path) -> Model:
+    from med3dvlm.export import ContrastiveCheckpoint, load_checkpoint_model
+
+    loaded = load_checkpoint_model(path)
+    if isinstance(loaded, ContrastiveCheckpoint):
+        return RetrievalModel(loaded.model, loaded.tokenizer, loaded.image_size, loaded.max_text_tokens)
+    vlm = loaded.model
+    vlm.merge_lora()
+    return VisionLanguageModel(vlm)

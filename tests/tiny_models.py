@@ -1,0 +1,83 @@
+"""Tiny exported models and phantom volumes for the API, demo, app and README tests (seconds to build).
+
+The models are the shipped configs (``experiment=siglip`` / ``experiment=finetune`` with
+``debug=tiny``) shrunk to the smallest sizes the other tests use, with random weights: what the tests
+check is that every path gives the same numbers as the model itself, not what the model says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from hydra_helpers import CPU_TINY, compose_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMALL_LLM = [
+    "llm.config.hidden_size=32",
+    "llm.config.intermediate_size=64",
+    "llm.config.num_hidden_layers=1",
+    "llm.config.num_attention_heads=2",
+    "llm.config.num_key_value_heads=1",
+]
+PHANTOM_SHAPE = (16, 32, 32)  # debug=tiny's phantom shape: the models' image_size
+PHANTOM_CASES = 6
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    vlm_dir: Path  # Med3DVLM.save_pretrained folder
+    clip_checkpoint: Path  # a stage-1 checkpoint as python -m med3dvlm.train writes it
+    clip_dir: Path  # its export (python -m med3dvlm.export)
+    volumes: list[Path]  # phantom volumes, .nii.gz, PHANTOM_SHAPE
+    reports: list[str]  # their reports
+
+
+def phantom_volumes(root: Path) -> tuple[list[Path], list[str]]:
+    from med3dvlm.data import make_phantom_dataset
+
+    make_phantom_dataset(root, num_cases=PHANTOM_CASES, shape=PHANTOM_SHAPE, seed=0)
+    cap = json.loads((root / "M3D_Cap.json").read_text())
+    entries = [entry for split in ("train", "validation", "test") for entry in cap[split]]
+    return [root / e["image"] for e in entries], [(root / e["text"]).read_text().strip() for e in entries]
+
+
+def write_clip_checkpoint(tmp_path: Path) -> Path:
+    """A stage-1 checkpoint with the run config stored as ``train.py`` stores it, without training:
+    random weights with the heads perturbed so that the export must carry them."""
+    from med3dvlm.train import CONFIG_CHECKPOINT_KEY
+
+    cfg = compose_config("train", ["experiment=siglip", "debug=tiny", *CPU_TINY], tmp_path)
+    torch.manual_seed(0)
+    module = hydra.utils.instantiate(cfg.model)
+    with torch.no_grad():
+        module.model.text_projection.bias.add_(0.5)
+        module.model.image_encoder.stages[0].convs[0].branches[0].norm.running_mean.add_(0.1)
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    path = tmp_path / "siglip_run" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": module.state_dict(), CONFIG_CHECKPOINT_KEY: resolved}, path)
+    return path
+
+
+def write_vlm(tmp_path: Path) -> Path:
+    cfg = compose_config("train", ["experiment=finetune", "debug=tiny", *CPU_TINY, *SMALL_LLM], tmp_path)
+    torch.manual_seed(0)
+    vlm = hydra.utils.instantiate(cfg.model.model).eval()
+    return vlm.save_pretrained(tmp_path / "vlm")
+
+
+def build_tiny_models(tmp_path: Path) -> TinyModels:
+    from med3dvlm.export import export_checkpoint
+
+    volumes, reports = phantom_volumes(tmp_path / "phantoms")
+    checkpoint = write_clip_checkpoint(tmp_path / "clip_work")
+    _, clip_dir = export_checkpoint(checkpoint, tmp_path / "siglip")
+    return TinyModels(write_vlm(tmp_path / "vlm_work"), checkpoint, clip_dir, volumes, reports)
