@@ -19,6 +19,17 @@ CPU_TINY = [
 ]
 
 
+def small_llm(layers: int = 1) -> list[str]:
+    """Overrides that shrink the tiny LLM (``llm=tiny``) to width 32 and ``layers`` decoder layers."""
+    return [
+        "llm.config.hidden_size=32",
+        "llm.config.intermediate_size=64",
+        f"llm.config.num_hidden_layers={layers}",
+        "llm.config.num_attention_heads=2",
+        "llm.config.num_key_value_heads=1",
+    ]
+
+
 def compose_config(config_name: str, overrides: list[str], tmp_path: Path) -> DictConfig:
     """The composed config with outputs and data under ``tmp_path`` and Hydra's runtime set."""
     register_resolvers()

@@ -11,18 +11,12 @@ import torch
 from torch import nn
 
 import med3dvlm
-from hydra_helpers import CPU_TINY, compose_config
+from hydra_helpers import CPU_TINY, compose_config, small_llm
 from med3dvlm.models.vlm import VLM_CONFIG_FILE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SMALL_LLM = [
-    "llm.config.hidden_size=32",
-    "llm.config.intermediate_size=64",
-    "llm.config.num_hidden_layers=2",
-    "llm.config.num_attention_heads=2",
-    "llm.config.num_key_value_heads=1",
-]
+SMALL_LLM = small_llm(layers=2)
 
 
 @pytest.fixture

@@ -12,20 +12,14 @@ import pytest
 import torch
 
 import med3dvlm.models.dcformer as dcformer_module
-from hydra_helpers import CPU_TINY, compose_config
+from hydra_helpers import CPU_TINY, compose_config, small_llm
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.encoders import SPEED_OPTIONS
 from med3dvlm.models.llm import is_gradient_checkpointing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SMALL_LLM = [
-    "llm.config.hidden_size=32",
-    "llm.config.intermediate_size=64",
-    "llm.config.num_hidden_layers=2",
-    "llm.config.num_attention_heads=2",
-    "llm.config.num_key_value_heads=1",
-]
+SMALL_LLM = small_llm(layers=2)
 
 
 def stage1_encoder(tmp_path, *overrides):

@@ -11,20 +11,14 @@ import hydra
 import pytest
 import torch
 
-from hydra_helpers import CPU_TINY, compose_config
+from hydra_helpers import CPU_TINY, compose_config, small_llm
 from med3dvlm.models.llm import IMAGE_TOKEN, add_image_token_embeddings, load_language_model, load_tokenizer
 from med3dvlm.models.vlm import IGNORE_INDEX, image_prompt, left_align, pad_sequences, splice_image_features
 from med3dvlm.stages.vlm import VLMCollator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SMALL_LLM = [
-    "llm.config.hidden_size=32",
-    "llm.config.intermediate_size=64",
-    "llm.config.num_hidden_layers=2",
-    "llm.config.num_attention_heads=2",
-    "llm.config.num_key_value_heads=1",
-]
+SMALL_LLM = small_llm(layers=2)
 QUESTIONS = [
     "Which plane is this CT image displayed in? Choices: A. Axial B. Coronal C. Sagittal D. Oblique",
     "What is the phase of this CT scan?",

@@ -14,7 +14,7 @@ import torch
 from omegaconf import open_dict
 
 import med3dvlm
-from hydra_helpers import CPU_TINY, compose_config
+from hydra_helpers import CPU_TINY, compose_config, small_llm
 from med3dvlm.eval.vqa_rules import closed_answer_is_correct
 from med3dvlm.models.encoders import save_pretrained_encoder
 from med3dvlm.stages.vlm import closed_vqa_accuracy, load_pretrained_projector, save_pretrained_projector
@@ -23,13 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VLM_EXPERIMENTS = ["pretrain", "finetune", "pretrain_paper", "finetune_paper"]
-SMALL_LLM = [
-    "llm.config.hidden_size=32",
-    "llm.config.intermediate_size=64",
-    "llm.config.num_hidden_layers=1",
-    "llm.config.num_attention_heads=2",
-    "llm.config.num_key_value_heads=1",
-]
+SMALL_LLM = small_llm(layers=1)
 
 
 def stage_config(tmp_path, experiment, *overrides):

@@ -16,17 +16,11 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
-from hydra_helpers import CPU_TINY, compose_config
+from hydra_helpers import CPU_TINY, compose_config, small_llm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SMALL_LLM = [
-    "llm.config.hidden_size=32",
-    "llm.config.intermediate_size=64",
-    "llm.config.num_hidden_layers=1",
-    "llm.config.num_attention_heads=2",
-    "llm.config.num_key_value_heads=1",
-]
+SMALL_LLM = small_llm(layers=1)
 PHANTOM_SHAPE = (16, 32, 32)  # debug=tiny's phantom shape: the models' image_size
 PHANTOM_CASES = 6
 

@@ -22,20 +22,6 @@ log = logging.getLogger(__name__)
 register_resolvers()
 
 
-def load_run_config(ckpt_path: str) -> tuple[DictConfig, dict[str, Any]]:
-    import torch
-
-    from med3dvlm.train import CONFIG_CHECKPOINT_KEY
-
-    path = Path(ckpt_path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if CONFIG_CHECKPOINT_KEY not in checkpoint:
-        raise ValueError(f"{path} holds no med3dvlm run config: was it written by `python -m med3dvlm.train`?")
-    return OmegaConf.create(checkpoint[CONFIG_CHECKPOINT_KEY]), checkpoint
-
-
 def evaluate_retrieval(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
 
@@ -43,7 +29,9 @@ def evaluate_retrieval(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.get("released_clip_dir"):
         return evaluate_released_retrieval(cfg)
-    run_cfg, checkpoint = load_run_config(cfg.ckpt_path)
+    from med3dvlm.export import read_checkpoint
+
+    run_cfg, checkpoint = read_checkpoint(cfg.ckpt_path)
     with open_dict(run_cfg):
         if cfg.get("data_root"):
             run_cfg.data.datamodule.root = cfg.data_root
