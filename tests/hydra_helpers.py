@@ -20,8 +20,9 @@ CPU_TINY = [
 
 
 def small_llm(layers: int = 1) -> list[str]:
-    """Overrides that shrink the tiny LLM (``llm=tiny``) to width 32 and ``layers`` decoder layers."""
+    """Overrides that pick the tiny LLM (``llm=tiny``) and shrink it to width 32 and ``layers`` layers."""
     return [
+        "llm=tiny",
         "llm.config.hidden_size=32",
         "llm.config.intermediate_size=64",
         f"llm.config.num_hidden_layers={layers}",

@@ -34,8 +34,8 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
     # hub models are replaced by the offline ones: this checks the wiring, not the download
     with open_dict(cfg):
         cfg.text_encoder.name_or_path = compose_config("train", [], tmp_path).text_encoder.name_or_path
-        if cfg.get("llm") and cfg.llm.config is None:  # stages 2-3: a hub LLM -> the offline tiny one
-            cfg.llm = compose_config("train", ["experiment=pretrain"], tmp_path).llm
+        if cfg.get("llm") and cfg.llm.config is None:  # stages 2-3: a hub/GGUF LLM -> the offline tiny one
+            cfg.llm = compose_config("train", ["experiment=pretrain", "llm=tiny"], tmp_path).llm
         cfg.trainer.strategy = "auto"
         cfg.trainer.precision = "32-true"
         cfg.trainer.devices = 1

@@ -33,7 +33,7 @@ QUESTIONS = [
 def build_model(workdir: Path):
     import hydra
 
-    cfg = harness.compose_train_config(["experiment=pretrain"], workdir)
+    cfg = harness.compose_train_config(["experiment=pretrain", "llm=tiny"], workdir)
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.model.model).eval()
     return model, tuple(cfg.data.image_size)
