@@ -25,7 +25,6 @@ register_resolvers()
 def evaluate_retrieval(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
 
-    from med3dvlm.stages.callbacks import write_json
 
     if cfg.get("released_clip_dir"):
         return evaluate_released_retrieval(cfg)
@@ -43,14 +42,7 @@ def evaluate_retrieval(cfg: DictConfig) -> dict[str, Any]:
     module = hydra.utils.instantiate(run_cfg.model)
     module.load_state_dict(checkpoint["state_dict"])
     datamodule = hydra.utils.instantiate(run_cfg.data.datamodule)
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False)
-    trainer.test(module, datamodule=datamodule)
-    report = module.test_report()
-    out = Path(cfg.paths.output_dir) / report["file"]
-    write_json(out, {"ckpt_path": str(cfg.ckpt_path), "results": report["results"]})
-    print(report["table"])
-    log.info("retrieval results written to %s", out)
-    return report["results"]
+    return _test_retrieval(cfg, module, datamodule, {"ckpt_path": str(cfg.ckpt_path)})
 
 
 # Volumes per batch when evaluating a released folder without batch_size=.
@@ -64,7 +56,6 @@ def evaluate_released_retrieval(cfg: DictConfig) -> dict[str, Any]:
 
     from med3dvlm.data import M3DCapDataModule
     from med3dvlm.interop import load_released_clip
-    from med3dvlm.stages.callbacks import write_json
     from med3dvlm.stages.contrastive import MAX_REPORT_TOKENS, ContrastiveCollator, ContrastiveModule
 
     if not cfg.get("data_root"):
@@ -79,11 +70,20 @@ def evaluate_released_retrieval(cfg: DictConfig) -> dict[str, Any]:
     collator = ContrastiveCollator(tokenizer_path, max_length=MAX_REPORT_TOKENS, train=False)
     batch_size = cfg.get("batch_size") or RELEASED_EVAL_BATCH_SIZE
     datamodule = M3DCapDataModule(cfg.data_root, batch_size=batch_size, collate_fn=collator)
+    return _test_retrieval(cfg, module, datamodule, {"released_clip_dir": str(cfg.released_clip_dir)})
+
+
+def _test_retrieval(cfg: DictConfig, module, datamodule, source: dict[str, str]) -> dict[str, Any]:
+    """Runs the retrieval protocol (the module's test step), writes the JSON, prints the table."""
+    import lightning as L
+
+    from med3dvlm.stages.callbacks import write_json
+
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False)
     trainer.test(module, datamodule=datamodule)
     report = module.test_report()
     out = Path(cfg.paths.output_dir) / report["file"]
-    write_json(out, {"released_clip_dir": str(cfg.released_clip_dir), "results": report["results"]})
+    write_json(out, {**source, "results": report["results"]})
     print(report["table"])
     log.info("retrieval results written to %s", out)
     return report["results"]

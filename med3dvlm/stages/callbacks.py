@@ -44,6 +44,15 @@ def _numpy_state_to_plain(state: tuple) -> tuple:
     return (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
 
 
+def best_checkpoint_state(trainer: L.Trainer, prefix: str) -> dict[str, torch.Tensor] | None:
+    """The weights under ``prefix`` (prefix removed) in the best checkpoint so far; None without one."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best or not os.path.exists(best):
+        return None
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+
+
 class ExportImageEncoder(Callback):
     """Writes the trained image encoder where the next stage loads it (``encoder.pretrained``).
 
@@ -60,12 +69,7 @@ class ExportImageEncoder(Callback):
         from med3dvlm.models.encoders import save_pretrained_encoder
 
         encoder = pl_module.model.image_encoder
-        state = None
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if self.from_best and best and os.path.exists(best):
-            checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-            prefix = "model.image_encoder."
-            state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        state = best_checkpoint_state(trainer, "model.image_encoder.") if self.from_best else None
         if trainer.is_global_zero:
             path = save_pretrained_encoder(encoder, self.output_dir, state_dict=state)
             pl_module.print(f"image encoder saved to {path} (load with encoder.pretrained={path})")

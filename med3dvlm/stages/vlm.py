@@ -168,12 +168,9 @@ class ExportProjector(Callback):
         self.from_best = from_best
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state = None
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if self.from_best and best and os.path.exists(best):
-            checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-            prefix = "model.projector."
-            state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        from med3dvlm.stages.callbacks import best_checkpoint_state
+
+        state = best_checkpoint_state(trainer, "model.projector.") if self.from_best else None
         if trainer.is_global_zero:
             path = save_pretrained_projector(pl_module.model, self.output_dir, state_dict=state)
             pl_module.print(f"projector saved to {path} (load with model.projector_path={path})")
