@@ -71,6 +71,19 @@ def test_finetune_trains_lora_encoder_projector_embeddings_and_lm_head(tmp_path)
     assert not any("base_layer" in n for n in names)  # the LLM's own Linear weights stay frozen
 
 
+def test_fit_start_puts_the_trained_parts_in_train_mode(tmp_path):
+    # the LLM comes from transformers in eval mode, and Lightning does not call train() itself
+    for stage, llm_trains in (("finetune", True), ("pretrain", False)):
+        module = build_stage(tmp_path / stage, stage)
+        module.eval()
+        module.on_fit_start()
+        dropouts = [m for n, m in module.model.language_model.named_modules() if n.endswith("lora_dropout.default")]
+        assert bool(dropouts) == llm_trains
+        assert all(m.training for m in dropouts)  # SPEC §5: LoRA dropout 0.05 while training
+        assert module.model.projector.training
+        assert module.model.image_encoder.training == llm_trains == module.model.language_model.training
+
+
 # -- hand-offs --------------------------------------------------------------------------------------
 def test_stage1_encoder_and_stage2_projector_are_loaded_by_path(tmp_path):
     pretrain = build_stage(tmp_path / "a", "pretrain")
@@ -108,9 +121,12 @@ def test_projector_hand_off_refuses_another_llm_or_another_projector(tmp_path):
 def test_every_vlm_experiment_composes_and_instantiates(experiment, tmp_path):
     cfg = compose_config("train", [f"experiment={experiment}", "trainer.accelerator=cpu"], tmp_path)
     assert cfg.model.stage == experiment.split("_")[0]
-    assert list(cfg.data.datamodule.tasks)[-1] == ("vqa_yes_no" if "finetune" in experiment else "vqa_open")
+    assert cfg.trainer.gradient_clip_val == 1.0  # the HF Trainer default the released scripts train with
     if experiment.endswith("paper"):  # SPEC §5 recipes
+        mixture = {"pretrain": ["caption", "vqa_closed", "vqa_open"], "finetune": ["caption", "vqa_closed", "vqa_open", "vqa_yes_no"]}
+        assert list(cfg.data.datamodule.tasks) == mixture[cfg.model.stage]
         recipe = {"pretrain": (1e-4, 16, 3), "finetune": (5e-5, 8, 5)}[cfg.model.stage]
+        assert cfg.trainer.limit_train_batches is None and cfg.trainer.limit_val_batches is None
         assert (cfg.model.optimizer.lr, cfg.data.datamodule.batch_size, cfg.trainer.max_epochs) == recipe
         assert cfg.model.optimizer.weight_decay == 0.0 and cfg.model.warmup_ratio == 0.03
         assert dict(cfg.model.lora) == {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}

@@ -6,6 +6,8 @@ checker) takes these names from here so the layout is defined once.
 
 from __future__ import annotations
 
+import re
+
 # M3D-Cap: one JSON at the data root, {"train"|"validation"|"test": [{"image": REL, "text": REL}]}.
 CAP_JSON = "M3D_Cap.json"
 CAP_SPLITS = ("train", "validation", "test")
@@ -47,6 +49,17 @@ def closed_prompt(question: str, choices: dict[str, str]) -> str:
     """SPEC §6: the question, a space, then ``Choices: A. {a} B. {b} C. {c} D. {d}``."""
     options = " ".join(f"{letter}. {choices[letter]}" for letter in ANSWER_LETTERS)
     return f"{question} Choices: {options}"
+
+
+_CLOSED_PROMPT = re.compile(r"(.*) Choices: A\. (.*?) B\. (.*?) C\. (.*?) D\. (.*)", re.DOTALL)
+
+
+def split_closed_prompt(prompt: str) -> tuple[str, list[str]]:
+    """The inverse of :func:`closed_prompt`: ``(question, [choice A, B, C, D])``."""
+    match = _CLOSED_PROMPT.fullmatch(prompt)
+    if match is None:
+        raise ValueError(f"not a closed-ended prompt (question + 'Choices: A. .. B. .. C. .. D. ..'): {prompt!r}")
+    return match.group(1), list(match.group(2, 3, 4, 5))
 
 
 def closed_answer(letter: str, answer: str) -> str:

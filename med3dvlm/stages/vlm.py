@@ -258,6 +258,9 @@ class VLMStage(L.LightningModule):
         self._denormal_before = None
 
     def on_fit_start(self) -> None:
+        # transformers hands models over in eval mode and Lightning keeps the modes it finds: without
+        # this, stage 3 would train with LoRA dropout off and the encoder's BatchNorm frozen
+        self.train()
         if self.stage == "finetune" and not self.projector_path:
             logger.warning("stage 3 without model.projector_path: the projector starts untrained (no stage-2 hand-off)")
         if self.stage == "pretrain" and not self.encoder_path:
