@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import load_experiment_script
 
 from med3dvlm.data.samples import Sample
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "closed_vqa_image_ablation.py"
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("closed_vqa_image_ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment_script("closed_vqa_image_ablation")
 
 
 def closed(path: str, letter: str, question_type: str = "Plane") -> Sample:
@@ -55,9 +50,7 @@ def test_a_model_that_reads_the_image_loses_its_answers_when_the_volume_is_swapp
 
 
 def test_runs_on_a_tiny_vlm_and_phantoms(ablation, tiny_models, tmp_path, capsys):
-    root = tiny_models.volumes[0].parent
-    while not (root / "M3D_Cap.json").exists():
-        root = root.parent
+    root = tiny_models.data_root
     out = tmp_path / "ablation.json"
     args = [str(tiny_models.vlm_dir), str(root), "--split", "train", "--max-questions", "10", "--json", str(out)]
     assert ablation.main([*args, "--max-new-tokens", "3"]) == 0

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "diagnose_image_tokens.py"
+from tiny_models import load_experiment_script
 
 
 @pytest.fixture(scope="module")
 def diagnose():
-    spec = importlib.util.spec_from_file_location("diagnose_image_tokens", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment_script("diagnose_image_tokens")
 
 
 def test_variation_is_std_norm_over_mean_norm(diagnose):
@@ -38,9 +32,7 @@ def test_nearest_centroid_leave_one_out(diagnose):
 
 
 def test_runs_on_a_tiny_vlm_and_phantoms(diagnose, tiny_models, tmp_path, capsys):
-    root = tiny_models.volumes[0].parent
-    while not (root / "M3D_Cap.json").exists():
-        root = root.parent
+    root = tiny_models.data_root
     out = tmp_path / "report.json"
     assert diagnose.main([str(tiny_models.vlm_dir), str(root), "--split", "train", "--json", str(out)]) == 0
     report = json.loads(out.read_text())

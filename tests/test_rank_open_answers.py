@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import load_experiment_script
 
 from med3dvlm.data import layout
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "rank_open_answers.py"
 
 
 @pytest.fixture(scope="module")
 def rank():
-    spec = importlib.util.spec_from_file_location("rank_open_answers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment_script("rank_open_answers")
 
 
 def test_split_closed_prompt_inverts_closed_prompt():
@@ -50,9 +44,7 @@ def test_scores_equal_the_summed_loss_of_the_training_path(rank, tiny_models):
 
 
 def test_runs_on_a_tiny_vlm_and_phantoms(rank, tiny_models, tmp_path, capsys):
-    root = tiny_models.volumes[0].parent
-    while not (root / "M3D_Cap.json").exists():
-        root = root.parent
+    root = tiny_models.data_root
     out = tmp_path / "rank.json"
     assert rank.main([str(tiny_models.vlm_dir), str(root), "--split", "train", "--max-questions", "6", "--json", str(out)]) == 0
     report = json.loads(out.read_text())

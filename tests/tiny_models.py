@@ -32,6 +32,7 @@ class TinyModels:
     clip_dir: Path  # its export (python -m med3dvlm.export)
     volumes: list[Path]  # phantom volumes, .nii.gz, PHANTOM_SHAPE
     reports: list[str]  # their reports
+    data_root: Path  # the phantom dataset they come from (M3D layout)
 
 
 def phantom_volumes(root: Path) -> tuple[list[Path], list[str]]:
@@ -74,4 +75,16 @@ def build_tiny_models(tmp_path: Path) -> TinyModels:
     volumes, reports = phantom_volumes(tmp_path / "phantoms")
     checkpoint = write_clip_checkpoint(tmp_path / "clip_work")
     _, clip_dir = export_checkpoint(checkpoint, tmp_path / "siglip")
-    return TinyModels(write_vlm(tmp_path / "vlm_work"), checkpoint, clip_dir, volumes, reports)
+    vlm_dir = write_vlm(tmp_path / "vlm_work")
+    return TinyModels(vlm_dir, checkpoint, clip_dir, volumes, reports, tmp_path / "phantoms")
+
+
+def load_experiment_script(name: str):
+    """``experiments/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
