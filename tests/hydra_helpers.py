@@ -13,6 +13,9 @@ from med3dvlm.resolvers import register_resolvers
 
 CPU_TINY = [
     "trainer.accelerator=cpu",
+    # one process: the CPU VLM experiments pick strategy=cpu_ddp, which would start more processes
+    # by re-running the command line (pytest's); tests/test_cpu_ddp.py runs that path for real
+    "strategy=single",
     "logger=csv",
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",

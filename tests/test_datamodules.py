@@ -161,6 +161,38 @@ def test_mixture_test_tasks_choose_the_test_split_only(tiny_m3d_root):
     assert [s.task for s in datamodule.datasets["train"].samples] == list(FINETUNE_TASKS)
 
 
+def test_train_question_types_filter_train_and_validation_but_not_test(tiny_m3d_root, caplog):
+    datamodule = MixtureDataModule(
+        tiny_m3d_root, tasks=["caption", "vqa_closed", "vqa_yes_no"], train_question_types=["Plane"]
+    )
+    with caplog.at_level("INFO", logger="med3dvlm.data.datamodules"):
+        datamodule.setup(None)
+    for split in ("train", "validation"):
+        samples = datamodule.datasets[split].samples
+        cases = len([s for s in samples if s.task == "caption"])
+        # the fixture: one plane + one organ question per case, yes/no questions are type 4
+        assert [s.question_type for s in samples if s.task == "vqa_closed"] == ["Plane"] * cases
+        assert not [s for s in samples if s.task == "vqa_yes_no"]
+    test_types = sorted({s.question_type for s in datamodule.datasets["test"].samples if s.task == "vqa_closed"})
+    assert test_types == ["Organ", "Plane"]  # the test scores every type
+    assert "vqa_closed train: kept" in caplog.text
+    with pytest.raises(ValueError, match="train_question_types"):
+        MixtureDataModule(tiny_m3d_root, tasks=["vqa_closed"], train_question_types=["plane"])
+
+
+def test_max_samples_mapping_caps_only_the_tasks_it_names(tiny_m3d_root):
+    full = MixtureDataModule(tiny_m3d_root, tasks=["vqa_closed", "vqa_yes_no"])
+    capped = MixtureDataModule(tiny_m3d_root, tasks=["vqa_closed", "vqa_yes_no"], max_samples={"vqa_yes_no": 2})
+    for split in ("train", "test"):
+        every = full.dataset(split).samples
+        kept = capped.dataset(split).samples
+        assert [s for s in kept if s.task == "vqa_closed"] == [s for s in every if s.task == "vqa_closed"]
+        assert [s for s in kept if s.task == "vqa_yes_no"] == [s for s in every if s.task == "vqa_yes_no"][:2]
+    for bad in ({"vqa": 2}, {"vqa_yes_no": 0}, 0):
+        with pytest.raises(ValueError, match="max_samples"):
+            MixtureDataModule(tiny_m3d_root, tasks=["vqa_closed"], max_samples=bad)
+
+
 class CountingCollate:
     """A stand-in for a stage's tokenising collate: module-level, so workers can unpickle it."""
 

@@ -71,6 +71,32 @@ def test_finetune_trains_lora_encoder_projector_embeddings_and_lm_head(tmp_path)
     assert not any("base_layer" in n for n in names)  # the LLM's own Linear weights stay frozen
 
 
+def test_embedding_lr_gives_the_embeddings_and_lm_head_their_own_adamw_step(tmp_path):
+    module = build_stage(tmp_path, "finetune", "model.optimizer.lr=1e-3", "model.embedding_lr=1e-5")
+    embedding = module.model.base_language_model().get_input_embeddings().weight
+    optimizer = module.optimizer_factory(module.parameter_groups())
+    rest, embeddings = optimizer.param_groups
+    assert rest["lr"] == 1e-3 and embeddings["lr"] == 1e-5
+    assert len(embeddings["params"]) == 1 and embeddings["params"][0] is embedding  # tied with the LM head: once
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(grouped) == len({id(p) for p in grouped})
+    assert {id(p) for p in grouped} == {id(p) for p in module.model.parameters() if p.requires_grad}
+    # AdamW's first step moves every element with a gradient by its group's lr (|g| >> eps, no weight decay)
+    before = {id(p): p.detach().clone() for p in grouped}
+    for p in grouped:
+        p.grad = torch.randn_like(p).sign() * (1 + torch.rand_like(p))  # |g| >= 1
+    optimizer.step()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            step = (p.detach() - before[id(p)]).abs()
+            assert torch.allclose(step, torch.full_like(step, group["lr"]), rtol=1e-3, atol=1e-7)
+    # unset: one group at the optimizer's lr; stage 2 (embeddings frozen): one group even when set
+    for experiment, embedding_lr in (("finetune", "null"), ("pretrain", "1e-5")):
+        module = build_stage(tmp_path, experiment, f"model.embedding_lr={embedding_lr}")
+        (group,) = module.optimizer_factory(module.parameter_groups()).param_groups
+        assert len(group["params"]) == len([p for p in module.model.parameters() if p.requires_grad])
+
+
 def test_fit_start_puts_the_trained_parts_in_train_mode(tmp_path):
     # the LLM comes from transformers in eval mode, and Lightning does not call train() itself
     for stage, llm_trains in (("finetune", True), ("pretrain", False)):
@@ -82,6 +108,21 @@ def test_fit_start_puts_the_trained_parts_in_train_mode(tmp_path):
         assert all(m.training for m in dropouts)  # SPEC §5: LoRA dropout 0.05 while training
         assert module.model.projector.training
         assert module.model.image_encoder.training == llm_trains == module.model.language_model.training
+
+
+def test_freeze_encoder_batchnorm_keeps_stage1_statistics_while_the_encoder_trains(tmp_path):
+    for freeze in (True, False):
+        module = build_stage(tmp_path / str(freeze), "finetune", f"model.freeze_encoder_batchnorm={str(freeze).lower()}")
+        module.on_fit_start()
+        encoder = module.model.image_encoder
+        norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(m.training != freeze for m in norms)
+        assert encoder.training and all(p.requires_grad for m in norms for p in m.parameters())  # affine trains
+        before = [m.running_mean.clone() for m in norms]
+        volumes = torch.rand(2, 1, *stage_config(tmp_path, "finetune").data.image_size)
+        encoder(volumes)
+        unchanged = [torch.equal(b, m.running_mean) for b, m in zip(before, norms)]
+        assert all(unchanged) if freeze else not any(unchanged)
 
 
 # -- hand-offs --------------------------------------------------------------------------------------
@@ -109,7 +150,7 @@ def test_projector_hand_off_refuses_another_llm_or_another_projector(tmp_path):
     other_llm = build_stage(tmp_path / "b", "pretrain", "llm.init_seed=1")
     with pytest.raises(ValueError, match="pretrained against another LLM"):
         load_pretrained_projector(other_llm.model, projector_dir)
-    other_projector = build_stage(tmp_path / "c", "pretrain", "projector.low_output_size=[12,16]")
+    other_projector = build_stage(tmp_path / "c", "pretrain", "projector.low_output_size=[12,4]")
     with pytest.raises(ValueError, match="low_output_size"):
         load_pretrained_projector(other_projector.model, projector_dir)
     with pytest.raises(FileNotFoundError, match="projector/ folder of a pretrain run"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from med3dvlm.data.sampling import EpochIndex, ResumableDataLoader, ResumableSampler, sample_seed
 
 from med3dvlm.data.errors import DataError
+from med3dvlm.data.layout import QUESTION_TYPES
 from med3dvlm.data.m3d import OnBadSample, SkippedSample, check_on_bad_sample, read_task_split
 from med3dvlm.data.samples import TASKS, Sample
 from med3dvlm.data.transforms import IMAGE_KEY, eval_transforms, train_transforms
@@ -149,11 +150,14 @@ class MixtureDataModule(L.LightningDataModule):
     CSVs) and ``vqa_yes_no`` (the yes/no CSVs). The paper's VLM stages use
     ``PRETRAIN_TASKS`` = caption + closed + open (stage 2) and ``FINETUNE_TASKS`` which adds yes/no
     (stage 3), SPEC §5. Splits are train / validation / test; train is augmented (SPEC §6) and
-    shuffled. ``max_samples`` keeps the first N samples of each task in each split, for quick runs.
+    shuffled. ``max_samples`` keeps the first N samples of each task in each split, for quick runs;
+    a mapping ``{task: N}`` caps only the tasks it names (a smaller share of one task in a mixture).
     ``collate_fn`` is the stages' tokenisation hook (default ``collate_samples``). ``seed`` fixes
     the augmentation stream; by default it follows torch's seed (``seed_everything``).
     ``test_tasks`` (default: ``tasks``) are the tasks of the test split, e.g. only ``vqa_closed``
-    when testing scores the closed questions alone. Records skipped while reading are kept in
+    when testing scores the closed questions alone. ``train_question_types`` (e.g. ``[Plane, Phase]``;
+    default all) keeps only VQA questions of those types in the train and validation splits; the test
+    split keeps every type, so its accuracy per type shows what training left out. Records skipped while reading are kept in
     ``skipped_records[split]``. ``volume_format`` (``nii.gz``, ``nii``, ``npy``; None = as listed)
     reads each listed volume's sibling of that format instead, e.g. ``nii`` for the fast uncompressed copies (``med3dvlm.data.volumes``).
     """
@@ -168,12 +172,13 @@ class MixtureDataModule(L.LightningDataModule):
         augmentation: dict[str, float] | None = None,
         on_bad_sample: OnBadSample = "error",
         collate_fn: Collate | None = None,
-        max_samples: int | None = None,
+        max_samples: int | Mapping[str, int] | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = False,
         seed: int | None = None,
         volume_format: str | None = None,
         test_tasks: Sequence[str] | None = None,
+        train_question_types: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         check_on_bad_sample(on_bad_sample)
@@ -186,8 +191,18 @@ class MixtureDataModule(L.LightningDataModule):
         unknown = [task for task in test_tasks if task not in TASKS]
         if not test_tasks or unknown or len(set(test_tasks)) != len(test_tasks):
             raise ValueError(f"test_tasks must be distinct names from {TASKS} (or null), got {list(test_tasks)}")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be positive or None, got {max_samples}")
+        caps = dict(max_samples) if isinstance(max_samples, Mapping) else {task: max_samples for task in TASKS}
+        if any(cap is not None and (not isinstance(cap, int) or cap < 1) for cap in caps.values()):
+            raise ValueError(f"max_samples must be a positive int, a mapping task -> positive int, or None; got {max_samples}")
+        if any(task not in TASKS for task in caps):
+            raise ValueError(f"max_samples names unknown tasks {sorted(set(caps) - set(TASKS))}; tasks are {TASKS}")
+        if train_question_types is not None:
+            train_question_types = tuple(train_question_types)
+            names = tuple(QUESTION_TYPES.values())
+            unknown = [kind for kind in train_question_types if kind not in names]
+            if not train_question_types or unknown:
+                raise ValueError(f"train_question_types must be names from {names} (or null), got {list(train_question_types)}")
+        self.train_question_types = train_question_types
         self.root = Path(root)
         self.tasks = tasks
         self.test_tasks = test_tasks
@@ -199,6 +214,7 @@ class MixtureDataModule(L.LightningDataModule):
         self.on_bad_sample = on_bad_sample
         self.collate_fn = collate_fn if collate_fn is not None else collate_samples
         self.max_samples = max_samples
+        self._caps = caps
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.seed = seed
@@ -224,7 +240,14 @@ class MixtureDataModule(L.LightningDataModule):
         skipped: list[SkippedSample] = []
         for task in self.test_tasks if split == "test" else self.tasks:
             result = read_task_split(self.root, task, split, self.on_bad_sample, self.volume_format)
-            samples.extend(result.samples[: self.max_samples])
+            kept = result.samples
+            if self.train_question_types is not None and split != "test" and task.startswith("vqa"):
+                kept = [sample for sample in kept if sample.question_type in self.train_question_types]
+                logger.info(
+                    "%s %s: kept %d of %d questions (types %s)",
+                    task, split, len(kept), len(result.samples), ", ".join(self.train_question_types),
+                )
+            samples.extend(kept[: self._caps.get(task)])
             skipped.extend(result.skipped)
         self.skipped_records[split] = skipped
         if split == "train":

@@ -68,11 +68,12 @@ class ExportImageEncoder(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from med3dvlm.models.encoders import save_pretrained_encoder
 
+        if not trainer.is_global_zero:  # one writer (and reader) under data parallelism
+            return
         encoder = pl_module.model.image_encoder
         state = best_checkpoint_state(trainer, "model.image_encoder.") if self.from_best else None
-        if trainer.is_global_zero:
-            path = save_pretrained_encoder(encoder, self.output_dir, state_dict=state)
-            pl_module.print(f"image encoder saved to {path} (load with encoder.pretrained={path})")
+        path = save_pretrained_encoder(encoder, self.output_dir, state_dict=state)
+        pl_module.print(f"image encoder saved to {path} (load with encoder.pretrained={path})")
 
 
 def write_json(path: str | Path, payload: Any) -> None:

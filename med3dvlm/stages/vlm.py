@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from torch import nn
 from lightning.pytorch.callbacks import Callback
 
 from med3dvlm.data.layout import QUESTION_TYPES
@@ -170,10 +171,11 @@ class ExportProjector(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from med3dvlm.stages.callbacks import best_checkpoint_state
 
+        if not trainer.is_global_zero:  # one writer (and reader) under data parallelism
+            return
         state = best_checkpoint_state(trainer, "model.projector.") if self.from_best else None
-        if trainer.is_global_zero:
-            path = save_pretrained_projector(pl_module.model, self.output_dir, state_dict=state)
-            pl_module.print(f"projector saved to {path} (load with model.projector_path={path})")
+        path = save_pretrained_projector(pl_module.model, self.output_dir, state_dict=state)
+        pl_module.print(f"projector saved to {path} (load with model.projector_path={path})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,6 +207,15 @@ class VLMStage(L.LightningModule):
     arguments of :meth:`Med3DVLM.generate` for the closed questions at test time.
     ``flush_denormal``: on CPUs, flush denormal floats to zero while training; the tails of a
     150k-way softmax underflow to denormals, which slow the LM-head matmuls more than tenfold.
+    ``freeze_encoder_batchnorm``: keep the trainable encoder's BatchNorm layers in eval mode (their
+    stage-1 running statistics; the affine weights still train). In train mode BatchNorm normalises
+    over the batch of each process: with a few small volumes its last stages see a handful of values
+    per channel (DCFormer-nano on 32x64x64 phantoms: 1 token per volume at s4), which rewrites the
+    image features stage 2 taught the projector to read.
+    ``embedding_lr``: learning rate of the token embeddings and the LM head (stage 3), null = the
+    optimizer's. Every row of the LM head gets a gradient at every step (the softmax reaches all of
+    them), so at a LoRA-sized learning rate AdamW moves the whole pretrained vocabulary (and, with
+    tied weights, every input embedding) by about that much per step.
     """
 
     def __init__(
@@ -218,6 +229,8 @@ class VLMStage(L.LightningModule):
         lora: dict[str, Any] | None = None,
         generation: dict[str, Any] | None = None,
         flush_denormal: bool = True,
+        embedding_lr: float | None = None,
+        freeze_encoder_batchnorm: bool = False,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -230,6 +243,8 @@ class VLMStage(L.LightningModule):
         self.encoder_path = encoder_path
         self.generation = dict(generation or {"max_new_tokens": 8})
         self.flush_denormal = flush_denormal
+        self.embedding_lr = embedding_lr
+        self.freeze_encoder_batchnorm = freeze_encoder_batchnorm
         if projector_path:
             load_pretrained_projector(model, projector_path)
         if stage == "finetune":
@@ -246,6 +261,10 @@ class VLMStage(L.LightningModule):
         if mode and self.stage == "pretrain":
             self.model.image_encoder.eval()
             self.model.language_model.eval()
+        if mode and self.freeze_encoder_batchnorm:
+            for module in self.model.image_encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def setup(self, stage: str) -> None:
@@ -283,7 +302,8 @@ class VLMStage(L.LightningModule):
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         if batch is None:
             return
-        self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=len(batch["task"]))
+        # sync_dist: under data parallelism every process must pick the same best checkpoint
+        self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=len(batch["task"]), sync_dist=True)
 
     # -- test: loss, and the closed questions answered and scored --------------------------------
     def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
@@ -291,7 +311,7 @@ class VLMStage(L.LightningModule):
 
         if batch is None:
             return
-        self.log("test/loss", self._loss(batch), batch_size=len(batch["task"]))
+        self.log("test/loss", self._loss(batch), batch_size=len(batch["task"]), sync_dist=True)
         closed = [i for i, task in enumerate(batch["task"]) if task == "vqa_closed"]
         if not closed:
             return
@@ -323,7 +343,7 @@ class VLMStage(L.LightningModule):
             records = [record for part in gathered for record in part]
         self.test_results = closed_vqa_accuracy(records)
         for name, row in self.test_results["accuracy"].items():
-            self.log(f"test/closed_vqa_accuracy/{name}", row["accuracy"], sync_dist=False)
+            self.log(f"test/closed_vqa_accuracy/{name}", row["accuracy"], sync_dist=True)  # equal on every process
 
     def test_report(self) -> dict[str, Any]:
         results = self.test_results or closed_vqa_accuracy([])
@@ -331,14 +351,24 @@ class VLMStage(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        from transformers import get_cosine_schedule_with_warmup
+        from med3dvlm.stages.schedules import warmup_cosine_schedule
 
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(parameters)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup_steps = math.ceil(self.warmup_ratio * total_steps)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        scheduler = warmup_cosine_schedule(optimizer, self.warmup_ratio, lambda: self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters, the token embeddings and LM head in a group of their own when
+        ``embedding_lr`` is set (a tied matrix appears once)."""
+        base = self.model.base_language_model()
+        embedding_ids = {id(base.get_input_embeddings().weight), id(base.get_output_embeddings().weight)}
+        embeddings, rest = [], []
+        for parameter in self.model.parameters():  # parameters() yields a shared tensor once
+            if parameter.requires_grad:
+                (embeddings if id(parameter) in embedding_ids else rest).append(parameter)
+        if self.embedding_lr is None or not embeddings:
+            return [{"params": rest + embeddings}]
+        return [{"params": rest}, {"params": embeddings, "lr": self.embedding_lr}]
 
 
 def closed_vqa_accuracy(records: list[dict[str, Any]]) -> dict[str, Any]:
