@@ -10,7 +10,6 @@ machine supports; ``${cpu_precision:bf16-mixed}`` the same for a CPU run. ``${cp
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -72,8 +71,9 @@ def cpu_precision(wanted: str) -> str:
 
 def cpu_processes(at_most: int) -> int:
     """One training process per usable core, at most ``at_most`` (``strategy=cpu_ddp``)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(int(at_most), cores))
+    from med3dvlm.data.prepare import available_cores  # the data preparation's count of usable cores
+
+    return max(1, min(int(at_most), available_cores()))
 
 
 def per_process(total: int, processes: int | str) -> int:
