@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--max-questions", type=int, default=320)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--json", type=Path, help="also write the report (with every prediction) here")
     args = parser.parse_args(argv)
 

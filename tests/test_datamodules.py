@@ -180,6 +180,24 @@ def test_train_question_types_filter_train_and_validation_but_not_test(tiny_m3d_
         MixtureDataModule(tiny_m3d_root, tasks=["vqa_closed"], train_question_types=["plane"])
 
 
+def test_closed_answer_format_rewrites_closed_answers_of_every_split(tiny_m3d_root):
+    spec = MixtureDataModule(tiny_m3d_root, tasks=["vqa_closed", "vqa_open"])
+    answer_first = MixtureDataModule(
+        tiny_m3d_root, tasks=["vqa_closed", "vqa_open"], closed_answer_format="{answer} ({letter}.)"
+    )
+    for split in ("train", "validation", "test"):
+        before, after = spec.dataset(split).samples, answer_first.dataset(split).samples
+        # the fixture's CSV rows: plane (answer Axial, letter A) and organ (Kidney, B) per case
+        assert [s.answer for s in before if s.task == "vqa_closed"][:2] == ["A. Axial", "B. Kidney"]
+        assert [s.answer for s in after if s.task == "vqa_closed"][:2] == ["Axial (A.)", "Kidney (B.)"]
+        # prompts, letters and open answers stay as read
+        assert [(s.prompt, s.answer_choice) for s in after] == [(s.prompt, s.answer_choice) for s in before]
+        assert [s.answer for s in after if s.task == "vqa_open"] == [s.answer for s in before if s.task == "vqa_open"]
+    for bad in ("{answer} ({letter})", "{letter}. {answer} {extra}", "{letter}.", "{letter}. {answer"):
+        with pytest.raises(ValueError, match="closed answer format"):
+            MixtureDataModule(tiny_m3d_root, tasks=["vqa_closed"], closed_answer_format=bad)
+
+
 def test_max_samples_mapping_caps_only_the_tasks_it_names(tiny_m3d_root):
     full = MixtureDataModule(tiny_m3d_root, tasks=["vqa_closed", "vqa_yes_no"])
     capped = MixtureDataModule(tiny_m3d_root, tasks=["vqa_closed", "vqa_yes_no"], max_samples={"vqa_yes_no": 2})

@@ -72,7 +72,7 @@ def test_finetune_trains_lora_encoder_projector_embeddings_and_lm_head(tmp_path)
 
 
 def test_embedding_lr_gives_the_embeddings_and_lm_head_their_own_adamw_step(tmp_path):
-    module = build_stage(tmp_path, "finetune", "model.optimizer.lr=1e-3", "model.embedding_lr=1e-5")
+    module = build_stage(tmp_path, "finetune", "model.optimizer.lr=1e-3", "model.embedding_lr=1e-5", "model.vision_lr=null")
     embedding = module.model.base_language_model().get_input_embeddings().weight
     optimizer = module.optimizer_factory(module.parameter_groups())
     rest, embeddings = optimizer.param_groups
@@ -92,9 +92,27 @@ def test_embedding_lr_gives_the_embeddings_and_lm_head_their_own_adamw_step(tmp_
             assert torch.allclose(step, torch.full_like(step, group["lr"]), rtol=1e-3, atol=1e-7)
     # unset: one group at the optimizer's lr; stage 2 (embeddings frozen): one group even when set
     for experiment, embedding_lr in (("finetune", "null"), ("pretrain", "1e-5")):
-        module = build_stage(tmp_path, experiment, f"model.embedding_lr={embedding_lr}")
+        module = build_stage(tmp_path, experiment, f"model.embedding_lr={embedding_lr}", "model.vision_lr=null")
         (group,) = module.optimizer_factory(module.parameter_groups()).param_groups
         assert len(group["params"]) == len([p for p in module.model.parameters() if p.requires_grad])
+
+
+def test_vision_lr_gives_the_encoder_and_projector_their_own_group_in_stage_3(tmp_path):
+    module = build_stage(
+        tmp_path, "finetune", "model.optimizer.lr=1e-3", "model.embedding_lr=1e-5", "model.vision_lr=5e-5"
+    )
+    rest, embeddings, vision = module.optimizer_factory(module.parameter_groups()).param_groups
+    assert (rest["lr"], embeddings["lr"], vision["lr"]) == (1e-3, 1e-5, 5e-5)
+    model = module.model
+    expected_vision = {id(p) for p in [*model.image_encoder.parameters(), *model.projector.parameters()]}
+    assert {id(p) for p in vision["params"]} == expected_vision
+    lora = {id(p) for n, p in model.language_model.named_parameters() if "lora_" in n}
+    assert {id(p) for p in rest["params"]} == lora  # what is left in stage 3: the adapters
+    # stage 2: the projector is all that trains, at the optimizer's lr, whatever vision_lr says
+    module = build_stage(tmp_path, "pretrain", "model.optimizer.lr=1e-3", "model.vision_lr=5e-5")
+    (group,) = module.optimizer_factory(module.parameter_groups()).param_groups
+    assert group["lr"] == 1e-3
+    assert {id(p) for p in group["params"]} == {id(p) for p in module.model.projector.parameters()}
 
 
 def test_fit_start_puts_the_trained_parts_in_train_mode(tmp_path):
@@ -171,6 +189,10 @@ def test_every_vlm_experiment_composes_and_instantiates(experiment, tmp_path):
         assert (cfg.model.optimizer.lr, cfg.data.datamodule.batch_size, cfg.trainer.max_epochs) == recipe
         assert cfg.model.optimizer.weight_decay == 0.0 and cfg.model.warmup_ratio == 0.03
         assert dict(cfg.model.lora) == {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+        # none of the CPU default's departures leaks into the paper's recipe through the defaults list
+        assert cfg.data.datamodule.max_samples is None and cfg.data.datamodule.train_question_types is None
+        assert cfg.data.datamodule.closed_answer_format == "{letter}. {answer}"  # SPEC §6
+        assert (cfg.model.embedding_lr, cfg.model.vision_lr, cfg.model.freeze_encoder_batchnorm) == (None, None, False)
         assert cfg.llm.name_or_path == "Qwen/Qwen2.5-7B-Instruct" and cfg.projector.num_image_tokens == 256
         # the hub LLM is replaced by the offline one: this checks the wiring, not the download
         with open_dict(cfg):

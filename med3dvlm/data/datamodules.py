@@ -11,6 +11,7 @@ for a skipped sample; ``drop_skipped`` removes those.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from med3dvlm.data.sampling import EpochIndex, ResumableDataLoader, ResumableSampler, sample_seed
 
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.layout import QUESTION_TYPES
+from med3dvlm.data.layout import CLOSED_ANSWER_FORMAT, QUESTION_TYPES, check_closed_answer_format, closed_answer
+from med3dvlm.data.layout import split_closed_answer
 from med3dvlm.data.m3d import OnBadSample, SkippedSample, check_on_bad_sample, read_task_split
 from med3dvlm.data.samples import TASKS, Sample
 from med3dvlm.data.transforms import IMAGE_KEY, eval_transforms, train_transforms
@@ -157,7 +159,9 @@ class MixtureDataModule(L.LightningDataModule):
     ``test_tasks`` (default: ``tasks``) are the tasks of the test split, e.g. only ``vqa_closed``
     when testing scores the closed questions alone. ``train_question_types`` (e.g. ``[Plane, Phase]``;
     default all) keeps only VQA questions of those types in the train and validation splits; the test
-    split keeps every type, so its accuracy per type shows what training left out. Records skipped while reading are kept in
+    split keeps every type, so its accuracy per type shows what training left out.
+    ``closed_answer_format`` rewrites the closed answers of every split (default SPEC §6's
+    ``"{letter}. {answer}"``), e.g. ``"{answer} ({letter}.)"``: the finding first, then its letter. Records skipped while reading are kept in
     ``skipped_records[split]``. ``volume_format`` (``nii.gz``, ``nii``, ``npy``; None = as listed)
     reads each listed volume's sibling of that format instead, e.g. ``nii`` for the fast uncompressed copies (``med3dvlm.data.volumes``).
     """
@@ -179,6 +183,7 @@ class MixtureDataModule(L.LightningDataModule):
         volume_format: str | None = None,
         test_tasks: Sequence[str] | None = None,
         train_question_types: Sequence[str] | None = None,
+        closed_answer_format: str = CLOSED_ANSWER_FORMAT,
     ) -> None:
         super().__init__()
         check_on_bad_sample(on_bad_sample)
@@ -203,6 +208,7 @@ class MixtureDataModule(L.LightningDataModule):
             if not train_question_types or unknown:
                 raise ValueError(f"train_question_types must be names from {names} (or null), got {list(train_question_types)}")
         self.train_question_types = train_question_types
+        self.closed_answer_format = check_closed_answer_format(closed_answer_format)
         self.root = Path(root)
         self.tasks = tasks
         self.test_tasks = test_tasks
@@ -247,6 +253,8 @@ class MixtureDataModule(L.LightningDataModule):
                     "%s %s: kept %d of %d questions (types %s)",
                     task, split, len(kept), len(result.samples), ", ".join(self.train_question_types),
                 )
+            if task == "vqa_closed" and self.closed_answer_format != CLOSED_ANSWER_FORMAT:
+                kept = [self._reformat_closed_answer(sample) for sample in kept]
             samples.extend(kept[: self._caps.get(task)])
             skipped.extend(result.skipped)
         self.skipped_records[split] = skipped
@@ -255,6 +263,10 @@ class MixtureDataModule(L.LightningDataModule):
         else:
             transform = eval_transforms(self.spatial_size)
         return VolumeTextDataset(samples, transform, self.on_bad_sample, augmentation_seed=self._seed())
+
+    def _reformat_closed_answer(self, sample: Sample) -> Sample:
+        letter, text = split_closed_answer(sample.answer)
+        return dataclasses.replace(sample, answer=closed_answer(letter, text, self.closed_answer_format))
 
     def _seed(self) -> int:
         return self.seed if self.seed is not None else torch.initial_seed() % 2**32

@@ -7,6 +7,7 @@ checker) takes these names from here so the layout is defined once.
 from __future__ import annotations
 
 import re
+import string
 
 # M3D-Cap: one JSON at the data root, {"train"|"validation"|"test": [{"image": REL, "text": REL}]}.
 CAP_JSON = "M3D_Cap.json"
@@ -62,9 +63,40 @@ def split_closed_prompt(prompt: str) -> tuple[str, list[str]]:
     return match.group(1), list(match.group(2, 3, 4, 5))
 
 
-def closed_answer(letter: str, answer: str) -> str:
-    """SPEC §6: closed-ended answer ``"{letter}. {answer}"``."""
-    return f"{letter}. {answer}"
+# SPEC §6: the closed-ended answer, letter first.
+CLOSED_ANSWER_FORMAT = "{letter}. {answer}"
+
+
+def closed_answer(letter: str, answer: str, template: str = CLOSED_ANSWER_FORMAT) -> str:
+    """The closed-ended answer: SPEC §6's ``"{letter}. {answer}"``, or another ``template`` with
+    the same two fields (see :func:`check_closed_answer_format`)."""
+    return template.format(letter=letter, answer=answer)
+
+
+_CLOSED_ANSWER = re.compile(r"([A-D])\. (.*)", re.DOTALL)
+
+
+def split_closed_answer(answer: str) -> tuple[str, str]:
+    """The inverse of :func:`closed_answer` with SPEC §6's format: ``(letter, answer text)``."""
+    match = _CLOSED_ANSWER.fullmatch(answer)
+    if match is None:
+        raise ValueError(f"not a closed-ended answer ('{{letter}}. {{answer}}', letter A-D): {answer!r}")
+    return match.group(1), match.group(2)
+
+
+def check_closed_answer_format(template: str) -> str:
+    """A closed-answer template must hold ``{letter}`` followed by a period (what SPEC §7's rule
+    scores) and ``{answer}``, each once, and no other field."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"closed answer format {template!r} is not a format string: {exc}") from exc
+    if sorted(fields) != ["answer", "letter"] or "{letter}." not in template:
+        raise ValueError(
+            f"closed answer format {template!r} must contain '{{letter}}.' (the paper's scoring looks for the "
+            "letter and a period) and '{answer}', each once, and no other field"
+        )
+    return template
 
 
 # Prompt for report generation. The SPEC gives none; M3D-style, one fixed instruction.

@@ -216,6 +216,9 @@ class VLMStage(L.LightningModule):
     optimizer's. Every row of the LM head gets a gradient at every step (the softmax reaches all of
     them), so at a LoRA-sized learning rate AdamW moves the whole pretrained vocabulary (and, with
     tied weights, every input embedding) by about that much per step.
+    ``vision_lr``: learning rate of the image encoder and the projector in stage 3, null = the
+    optimizer's. AdamW moves every one of their weights by about the lr per step: at a LoRA-sized lr
+    the image features that stage 2 taught the LLM to read are rewritten before LoRA learns to use them.
     """
 
     def __init__(
@@ -231,6 +234,7 @@ class VLMStage(L.LightningModule):
         flush_denormal: bool = True,
         embedding_lr: float | None = None,
         freeze_encoder_batchnorm: bool = False,
+        vision_lr: float | None = None,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -245,6 +249,7 @@ class VLMStage(L.LightningModule):
         self.flush_denormal = flush_denormal
         self.embedding_lr = embedding_lr
         self.freeze_encoder_batchnorm = freeze_encoder_batchnorm
+        self.vision_lr = vision_lr
         if projector_path:
             load_pretrained_projector(model, projector_path)
         if stage == "finetune":
@@ -358,17 +363,31 @@ class VLMStage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The trainable parameters, the token embeddings and LM head in a group of their own when
-        ``embedding_lr`` is set (a tied matrix appears once)."""
+        """The trainable parameters: the token embeddings and LM head in a group of their own when
+        ``embedding_lr`` is set (a tied matrix appears once), the image encoder and projector in one
+        when ``vision_lr`` is set (stage 3 only; in stage 2 the projector trains at the optimizer's lr)."""
         base = self.model.base_language_model()
         embedding_ids = {id(base.get_input_embeddings().weight), id(base.get_output_embeddings().weight)}
-        embeddings, rest = [], []
+        vision_ids = set()
+        if self.vision_lr is not None and self.stage == "finetune":
+            vision = list(self.model.image_encoder.parameters()) + list(self.model.projector.parameters())
+            vision_ids = {id(parameter) for parameter in vision}
+        embeddings, vision, rest = [], [], []
         for parameter in self.model.parameters():  # parameters() yields a shared tensor once
-            if parameter.requires_grad:
-                (embeddings if id(parameter) in embedding_ids else rest).append(parameter)
-        if self.embedding_lr is None or not embeddings:
-            return [{"params": rest + embeddings}]
-        return [{"params": rest}, {"params": embeddings, "lr": self.embedding_lr}]
+            if not parameter.requires_grad:
+                continue
+            if self.embedding_lr is not None and id(parameter) in embedding_ids:
+                embeddings.append(parameter)
+            elif id(parameter) in vision_ids:
+                vision.append(parameter)
+            else:
+                rest.append(parameter)
+        groups = [{"params": rest}]
+        if embeddings:
+            groups.append({"params": embeddings, "lr": self.embedding_lr})
+        if vision:
+            groups.append({"params": vision, "lr": self.vision_lr})
+        return groups
 
 
 def closed_vqa_accuracy(records: list[dict[str, Any]]) -> dict[str, Any]:
