@@ -11,7 +11,6 @@ for a skipped sample; ``drop_skipped`` removes those.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -25,8 +24,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from med3dvlm.data.sampling import EpochIndex, ResumableDataLoader, ResumableSampler, sample_seed
 
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.layout import CLOSED_ANSWER_FORMAT, QUESTION_TYPES, check_closed_answer_format, closed_answer
-from med3dvlm.data.layout import split_closed_answer
+from med3dvlm.data.layout import CLOSED_ANSWER_FORMAT, QUESTION_TYPES, check_closed_answer_format
 from med3dvlm.data.m3d import OnBadSample, SkippedSample, check_on_bad_sample, read_task_split
 from med3dvlm.data.samples import TASKS, Sample
 from med3dvlm.data.transforms import IMAGE_KEY, eval_transforms, train_transforms
@@ -245,7 +243,9 @@ class MixtureDataModule(L.LightningDataModule):
         samples: list[Sample] = []
         skipped: list[SkippedSample] = []
         for task in self.test_tasks if split == "test" else self.tasks:
-            result = read_task_split(self.root, task, split, self.on_bad_sample, self.volume_format)
+            result = read_task_split(
+                self.root, task, split, self.on_bad_sample, self.volume_format, self.closed_answer_format
+            )
             kept = result.samples
             if self.train_question_types is not None and split != "test" and task.startswith("vqa"):
                 kept = [sample for sample in kept if sample.question_type in self.train_question_types]
@@ -253,8 +253,6 @@ class MixtureDataModule(L.LightningDataModule):
                     "%s %s: kept %d of %d questions (types %s)",
                     task, split, len(kept), len(result.samples), ", ".join(self.train_question_types),
                 )
-            if task == "vqa_closed" and self.closed_answer_format != CLOSED_ANSWER_FORMAT:
-                kept = [self._reformat_closed_answer(sample) for sample in kept]
             samples.extend(kept[: self._caps.get(task)])
             skipped.extend(result.skipped)
         self.skipped_records[split] = skipped
@@ -263,10 +261,6 @@ class MixtureDataModule(L.LightningDataModule):
         else:
             transform = eval_transforms(self.spatial_size)
         return VolumeTextDataset(samples, transform, self.on_bad_sample, augmentation_seed=self._seed())
-
-    def _reformat_closed_answer(self, sample: Sample) -> Sample:
-        letter, text = split_closed_answer(sample.answer)
-        return dataclasses.replace(sample, answer=closed_answer(letter, text, self.closed_answer_format))
 
     def _seed(self) -> int:
         return self.seed if self.seed is not None else torch.initial_seed() % 2**32

@@ -73,17 +73,6 @@ def closed_answer(letter: str, answer: str, template: str = CLOSED_ANSWER_FORMAT
     return template.format(letter=letter, answer=answer)
 
 
-_CLOSED_ANSWER = re.compile(r"([A-D])\. (.*)", re.DOTALL)
-
-
-def split_closed_answer(answer: str) -> tuple[str, str]:
-    """The inverse of :func:`closed_answer` with SPEC §6's format: ``(letter, answer text)``."""
-    match = _CLOSED_ANSWER.fullmatch(answer)
-    if match is None:
-        raise ValueError(f"not a closed-ended answer ('{{letter}}. {{answer}}', letter A-D): {answer!r}")
-    return match.group(1), match.group(2)
-
-
 def check_closed_answer_format(template: str) -> str:
     """A closed-answer template must hold ``{letter}`` followed by a period (what SPEC §7's rule
     scores) and ``{answer}``, each once, and no other field."""

@@ -231,10 +231,12 @@ def read_vqa_csv(
     mode: Literal["closed", "open"] = "closed",
     on_bad_sample: OnBadSample = "error",
     volume_format: str | None = None,
+    closed_answer_format: str = layout.CLOSED_ANSWER_FORMAT,
 ) -> ReadResult:
     """Closed- or open-ended VQA samples of one M3D-VQA CSV; image paths are relative to ``root``.
 
-    closed: prompt = question + `` Choices: A. .. B. .. C. .. D. ..``, answer = ``"{letter}. {Answer}"``;
+    closed: prompt = question + `` Choices: A. .. B. .. C. .. D. ..``, answer = ``"{letter}. {Answer}"``
+    (or ``closed_answer_format``, see ``layout.check_closed_answer_format``);
     open: prompt = question, answer = ``Answer`` (SPEC §6).
     """
     if mode not in VQA_MODES:
@@ -245,7 +247,9 @@ def read_vqa_csv(
     for row_number, header, fields in _read_csv_rows(path, layout.VQA_COLUMNS):
         where = f"{path}: row {row_number}"
         source = f"{path.name}:row {row_number}"
-        collector.add(source, _vqa_sample, root, header, fields, mode, where, source, existence)
+        collector.add(
+            source, _vqa_sample, root, header, fields, mode, where, source, existence, closed_answer_format
+        )
     return collector.finish()
 
 
@@ -331,6 +335,7 @@ def _vqa_sample(
     where: str,
     source: str,
     existence: _FileExistence,
+    closed_answer_format: str = layout.CLOSED_ANSWER_FORMAT,
 ) -> Sample:
     row = _row_values(header, fields, where)
     question = _required_text(row, "Question", where)
@@ -344,7 +349,7 @@ def _vqa_sample(
             )
         choices = {letter_: row[f"Choice {letter_}"] for letter_ in layout.ANSWER_LETTERS}
         prompt = layout.closed_prompt(question, choices)
-        answer = layout.closed_answer(letter, answer_text)
+        answer = layout.closed_answer(letter, answer_text, closed_answer_format)
         task, answer_choice = "vqa_closed", letter
     else:
         # Open-ended questions have no choices; the letter column is not needed.
@@ -395,6 +400,7 @@ def read_task_split(
     split: str,
     on_bad_sample: OnBadSample = "error",
     volume_format: str | None = None,
+    closed_answer_format: str = layout.CLOSED_ANSWER_FORMAT,
 ) -> ReadResult:
     """Samples of one task (``layout``-defined file under ``root``) and split."""
     root = Path(root)
@@ -405,7 +411,9 @@ def read_task_split(
         return read_cap_json(root, split, on_bad_sample, volume_format)
     if task in ("vqa_closed", "vqa_open"):
         mode = task.removeprefix("vqa_")
-        return read_vqa_csv(vqa_dir / layout.VQA_CSV[split], root, mode, on_bad_sample, volume_format)
+        return read_vqa_csv(
+            vqa_dir / layout.VQA_CSV[split], root, mode, on_bad_sample, volume_format, closed_answer_format
+        )
     if task == "vqa_yes_no":
         return read_vqa_yes_no_csv(vqa_dir / layout.VQA_YN_CSV[split], root, on_bad_sample, volume_format)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
