@@ -76,6 +76,7 @@ bench:
 	$(PYTHON) experiments/benchmarks/bench_train_step.py $(BENCH_COMPILE) $(BENCH_ARGS)
 	$(PYTHON) experiments/benchmarks/bench_loader.py $(BENCH_ARGS)
 	$(PYTHON) experiments/benchmarks/bench_generation.py $(BENCH_ARGS)
+	$(PYTHON) experiments/benchmarks/bench_predict.py $(BENCH_ARGS)
 	$(PYTHON) experiments/benchmarks/bench_siglip_loss.py $(BENCH_ARGS)
 	$(PYTHON) experiments/benchmarks/bench_memory_7b.py $(BENCH_ARGS)
 	$(MAKE) bench-data PYTHON=$(PYTHON)

@@ -5,11 +5,16 @@
     model.ask("scan.nii.gz", "Which organ has a lesion?")
 
 :func:`load_model` returns a :class:`RetrievalModel` for a stage-1 (SigLIP/CLIP) model and a
-:class:`VisionLanguageModel` for a VLM (stages 2-3). A volume argument is a path (``.nii``,
-``.nii.gz``, ``.npy``, read as the training data is) or an array / tensor of shape ``(D, H, W)`` or
-``(1, D, H, W)``. It is brought to what the model was trained on: resized trilinearly to the model's
-volume size and, when its values leave [0, 1] (e.g. CT in Hounsfield units), scaled by min and max.
-For CT in HU, ``python -m med3dvlm.prepare`` (soft-tissue window, crop) matches training better.
+:class:`VisionLanguageModel` for a VLM (stages 2-3). A volume argument is a path or an array /
+tensor of shape ``(D, H, W)`` or ``(1, D, H, W)``:
+
+* a **prepared volume** (values in [0, 1]: ``prepare``'s output, the phantoms, M3D's ``.npy``) is used
+  as it is, only resized to the model's volume size;
+* **raw CT** (a DICOM series folder, its ``.zip``, a NIfTI in HU, or an array in HU in display order)
+  goes through the preprocessing the model's training data had (``preprocessing.json`` of the export,
+  the run config of a checkpoint; see ``med3dvlm.data.preprocessing``): the same HU window, crop and
+  resize as ``python -m med3dvlm.prepare``. A model that records none refuses raw input with a message
+  (pass ``preprocessing=`` to :func:`load_model` to say what it is); nothing is min-max scaled silently.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 
 from med3dvlm.data import layout
+from med3dvlm.data.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +50,48 @@ class Match:
     score: float
 
 
-def volume_array(volume: VolumeLike) -> np.ndarray:
-    """``(1, D, H, W)`` float32 from a path (via ``load_volume``: errors name the file) or an array."""
+@dataclass(frozen=True)
+class InputVolume:
+    """A volume as read, before the model's preprocessing: ``prepared`` (in [0, 1]) or raw (e.g. HU)."""
+
+    array: np.ndarray  # (1, D, H, W) float32
+    prepared: bool
+    label: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape[1:])
+
+
+def is_prepared(array: np.ndarray) -> bool:
+    """Prepared volumes lie in [0, 1]; CT in HU never does (air is about -1000)."""
+    return float(array.min()) >= 0.0 and float(array.max()) <= 1.0
+
+
+def read_input(volume: VolumeLike | InputVolume, series: str | None = None, index: int = 0) -> InputVolume:
+    """A path (NIfTI, ``.npy``, DICOM series folder or ``.zip``: errors name the file) or an array,
+    read once and told prepared or raw. ``series``: which DICOM series of a folder holding several."""
+    if isinstance(volume, InputVolume):
+        return volume
     if isinstance(volume, (str, os.PathLike)):
+        from med3dvlm.data.ct import load_ct
         from med3dvlm.data.volumes import load_volume
 
-        return load_volume(volume)
+        path = Path(volume)
+        if path.is_dir() or path.name.lower().endswith(".zip"):
+            return InputVolume(load_ct(path, series=series).volume[np.newaxis], False, str(path))
+        array = load_volume(path)
+        if is_prepared(array):
+            return InputVolume(array, True, str(path))
+        if path.name.lower().endswith((".nii", ".nii.gz")):  # raw CT: read again in display orientation
+            array = load_ct(path).volume[np.newaxis]
+        return InputVolume(array, False, str(path))
+    array = volume_array(volume)
+    return InputVolume(array, is_prepared(array), f"volume {index}")
+
+
+def volume_array(volume: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``(1, D, H, W)`` finite float32 from an array or tensor, else a ValueError saying why."""
     array = volume.detach().cpu().float().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
@@ -63,26 +105,33 @@ def volume_array(volume: VolumeLike) -> np.ndarray:
     return np.ascontiguousarray(array[np.newaxis])
 
 
-def scale_to_unit_range(volume: np.ndarray) -> np.ndarray:
-    """The volume unchanged when it lies in [0, 1] (prepared data), else min-max scaled to [0, 1]."""
-    low, high = float(volume.min()), float(volume.max())
-    if low >= 0.0 and high <= 1.0:
-        return volume
-    if high == low:
-        return np.zeros_like(volume)
-    return (volume - np.float32(low)) / np.float32(high - low)
+def model_input(
+    volume: VolumeLike | InputVolume, image_size: Sequence[int] | None, preprocessing: Preprocessing | None = None
+) -> torch.Tensor:
+    """``(1, D, H, W)`` float32 in [0, 1] at ``image_size`` (the model's trained size; None = as is).
 
-
-def model_input(volume: VolumeLike, image_size: Sequence[int] | None) -> torch.Tensor:
-    """``(1, D, H, W)`` float32 in [0, 1] at ``image_size`` (the model's trained size; None = as is)."""
+    A prepared volume is only resized; raw input goes through ``preprocessing`` first (what
+    ``prepare`` does), and is refused when there is none."""
     from med3dvlm.data.transforms import IMAGE_KEY, eval_transforms
 
-    array = scale_to_unit_range(volume_array(volume))
+    read = read_input(volume)
+    array = read.array
+    if not read.prepared:
+        if preprocessing is None:
+            raise ValueError(
+                f"{read.label}: values {float(array.min()):.4g} to {float(array.max()):.4g} lie outside [0, 1], so this "
+                "is raw input (e.g. CT in HU), and the model records no preprocessing for it (its training data had no "
+                "preprocessing.json). Prepare the volume with `python -m med3dvlm.prepare`, or load the model with "
+                "load_model(..., preprocessing=Preprocessing(hu_window=(lower, upper)))"
+            )
+        array = preprocessing.apply(array[0], where=read.label)[np.newaxis]
     size = None if image_size is None or tuple(array.shape[1:]) == tuple(image_size) else image_size
     return eval_transforms(size)({IMAGE_KEY: array})[IMAGE_KEY]
 
 
-def volume_label(volume: VolumeLike, index: int) -> str:
+def volume_label(volume: VolumeLike | InputVolume, index: int) -> str:
+    if isinstance(volume, InputVolume):
+        return volume.label
     return str(volume) if isinstance(volume, (str, os.PathLike)) else f"volume {index}"
 
 
@@ -105,18 +154,31 @@ class RetrievalModel:
 
     kind = "retrieval"
 
-    def __init__(self, model: Any, tokenizer: Any, image_size: Sequence[int] | None, max_text_tokens: int = 512):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        image_size: Sequence[int] | None,
+        max_text_tokens: int = 512,
+        preprocessing: Preprocessing | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_size = None if image_size is None else tuple(int(n) for n in image_size)
         self.max_text_tokens = int(max_text_tokens)
+        self.preprocessing = preprocessing  # applied to raw input (module docstring)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> RetrievalModel:
+        from med3dvlm.data.preprocessing import read_preprocessing
         from med3dvlm.models.contrastive import load_pretrained_contrastive
 
         model, tokenizer, config = load_pretrained_contrastive(path)
-        return cls(model, tokenizer, config["image_size"], config["text_encoder"]["max_length"])
+        return cls(model, tokenizer, config["image_size"], config["text_encoder"]["max_length"], read_preprocessing(path))
+
+    def model_input(self, volume: VolumeLike | InputVolume) -> torch.Tensor:
+        """``(1, D, H, W)``: the volume as this model reads it."""
+        return model_input(volume, self.image_size, self.preprocessing)
 
     @torch.no_grad()
     def embed_images(self, volumes: Sequence[VolumeLike], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
@@ -124,7 +186,7 @@ class RetrievalModel:
         parameter = _parameter(self.model.image_encoder)
         chunks = []
         for start in range(0, len(volumes), batch_size):
-            batch = torch.stack([model_input(v, self.image_size) for v in volumes[start : start + batch_size]])
+            batch = torch.stack([self.model_input(v) for v in volumes[start : start + batch_size]])
             chunks.append(self.model.encode_image(batch.to(parameter.device, parameter.dtype)).float().cpu())
         if not chunks:
             raise ValueError("no volumes given")
@@ -202,9 +264,10 @@ class VisionLanguageModel:
 
     kind = "vlm"
 
-    def __init__(self, model: Any, max_new_tokens: int | None = None):
+    def __init__(self, model: Any, max_new_tokens: int | None = None, preprocessing: Preprocessing | None = None):
         self.model = model.eval()
         self.max_new_tokens = max_new_tokens  # None: DEFAULT_MAX_NEW_TOKENS
+        self.preprocessing = preprocessing  # applied to raw input (module docstring)
 
     @property
     def image_size(self) -> tuple[int, ...]:
@@ -212,13 +275,18 @@ class VisionLanguageModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> VisionLanguageModel:
+        from med3dvlm.data.preprocessing import read_preprocessing
         from med3dvlm.models.vlm import Med3DVLM
 
-        return cls(Med3DVLM.from_pretrained(path, dtype=dtype))
+        return cls(Med3DVLM.from_pretrained(path, dtype=dtype), preprocessing=read_preprocessing(path))
+
+    def model_input(self, volume: VolumeLike | InputVolume) -> torch.Tensor:
+        """``(1, D, H, W)``: the volume as this model reads it."""
+        return model_input(volume, self.image_size, self.preprocessing)
 
     def _images(self, volume: VolumeLike) -> torch.Tensor:
         parameter = _parameter(self.model.image_encoder)
-        return model_input(volume, self.image_size).unsqueeze(0).to(parameter.device, parameter.dtype)
+        return self.model_input(volume).unsqueeze(0).to(parameter.device, parameter.dtype)
 
     @torch.no_grad()
     def embed_image(self, volume: VolumeLike) -> torch.Tensor:
@@ -241,23 +309,33 @@ class VisionLanguageModel:
 
     def describe(self, volume: VolumeLike, max_new_tokens: int | None = None) -> str:
         """A report of the volume (the report-generation prompt of training)."""
-        return self.generate(volume, layout.CAPTION_PROMPT, max_new_tokens)
+        return self.generate(volume, layout.CAPTION_PROMPT, max_new_tokens, task="caption")
 
     @torch.no_grad()
-    def generate(self, volume: VolumeLike, prompt: str, max_new_tokens: int | None = None) -> str:
-        """Greedy answer to ``prompt`` as written (the image tokens are added)."""
+    def generate(self, volume: VolumeLike, prompt: str, max_new_tokens: int | None = None, task: str | None = None) -> str:
+        """Greedy answer to ``prompt`` as written (the image tokens are added). ``task`` ("caption" or a
+        VQA task, the default) matters only to the released model, whose prompts differ by task."""
         tokens = next(n for n in (max_new_tokens, self.max_new_tokens, DEFAULT_MAX_NEW_TOKENS) if n is not None)
-        return self.model.answer(self._images(volume), [prompt], max_new_tokens=int(tokens))[0].strip()
+        images = self._images(volume)
+        return self.model.answer(images, [prompt], tasks=[task], max_new_tokens=int(tokens))[0].strip()
 
 
 Model = RetrievalModel | VisionLanguageModel
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device | None = None, dtype: str | None = None) -> Model:
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | None = None,
+    preprocessing: Preprocessing | dict | None = None,
+) -> Model:
     """The model at ``path``, ready to use (eval mode): an export folder (``python -m med3dvlm.export``)
     or a training checkpoint (``.ckpt``) of stage 1 (-> :class:`RetrievalModel`) or 2-3
     (-> :class:`VisionLanguageModel`, LoRA merged). ``device`` / ``dtype`` (e.g. ``"cuda"``,
-    ``"bfloat16"``) move it."""
+    ``"bfloat16"``) move it. ``preprocessing`` replaces the recorded one for raw input (e.g. for a
+    model whose training data recorded none)."""
+    from med3dvlm.data.preprocessing import as_preprocessing
+
     from med3dvlm.models.contrastive import CONTRASTIVE_CONFIG_FILE
     from med3dvlm.models.vlm import VLM_CONFIG_FILE
 
@@ -276,6 +354,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         loaded = _load_checkpoint(path)
     else:
         raise FileNotFoundError(f"{path} does not exist: give an export folder or a training checkpoint (.ckpt)")
+    if preprocessing is not None:
+        loaded.preprocessing = as_preprocessing(preprocessing)
     if device is not None or dtype is not None:
         loaded.model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return loaded
@@ -284,9 +364,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
 def _load_checkpoint(path: Path) -> Model:
     from med3dvlm.export import ContrastiveCheckpoint, load_checkpoint_model
 
-    loaded = load_checkpoint_model(path)
+    loaded, preprocessing = load_checkpoint_model(path)
     if isinstance(loaded, ContrastiveCheckpoint):
-        return RetrievalModel(loaded.model, loaded.tokenizer, loaded.image_size, loaded.max_text_tokens)
+        return RetrievalModel(loaded.model, loaded.tokenizer, loaded.image_size, loaded.max_text_tokens, preprocessing)
     vlm = loaded.model
     vlm.merge_lora()
-    return VisionLanguageModel(vlm)
+    return VisionLanguageModel(vlm, preprocessing=preprocessing)

@@ -3,9 +3,10 @@
     python -m med3dvlm.app model_dir=exports/vlm            # then open http://127.0.0.1:7860
     python -m med3dvlm.app model_dir=exports/siglip texts=@candidates.txt host=0.0.0.0 port=8080
 
-Upload a ``.nii`` / ``.nii.gz`` volume: the axial, coronal and sagittal slices appear, each with a
-slider. With a VLM, *Ask* answers the question and *Describe* writes a report; with a stage-1 model
-both rank the candidate texts by similarity to the volume. Non-NIfTI files, unreadable volumes and
+Upload a ``.nii`` / ``.nii.gz`` volume (prepared, or CT in HU) or a ``.zip`` of one DICOM series: the
+axial, coronal and sagittal slices appear, each with a slider. Raw CT goes through the preprocessing
+the model's training data had; no header field of a DICOM file is shown. With a VLM, *Ask* answers the question and *Describe* writes a report; with a stage-1 model
+both rank the candidate texts by similarity to the volume. Other files, unreadable volumes and series, and
 uploads over ``max_upload_mb`` are refused with a message; no error reaches the page as a
 traceback (unexpected ones are logged on the server). The server binds to 127.0.0.1 unless
 ``host=`` says otherwise, so a volume is not exposed to the network by default.
@@ -41,12 +42,13 @@ OPTIONS = {
 }
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+UPLOAD_SUFFIXES = (*NIFTI_SUFFIXES, ".zip")  # a .zip holds one DICOM series
 # plane -> (its slider's axis in the (D, H, W) array, axis names of the 2D image it shows)
 PLANES = {"axial": (0, "H x W"), "coronal": (1, "D x W"), "sagittal": (2, "D x H")}
 # Slices are enlarged (nearest neighbour, integer factor) until their longer side reaches this,
 # so a 32-voxel phantom is not a thumbnail; the browser then scales the image to its box.
 DISPLAY_SIZE = 256
-NO_VOLUME = "Upload a NIfTI volume (.nii or .nii.gz)."
+NO_VOLUME = "Upload a NIfTI volume (.nii or .nii.gz) or a .zip of one DICOM series."
 MEGABYTE = 1024 * 1024
 
 
@@ -62,6 +64,7 @@ class LoadedVolume:
     array: np.ndarray
     low: float
     high: float
+    prepared: bool = True  # in [0, 1]; else raw CT (HU), preprocessed by the model
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -70,14 +73,14 @@ class LoadedVolume:
 
 def read_upload(path: str | os.PathLike | None, max_upload_mb: float) -> LoadedVolume:
     """The uploaded file as a volume, or :class:`UploadRejected` saying why not."""
-    from med3dvlm.data.volumes import load_volume
+    from med3dvlm.api import read_input
 
     if path is None:
         raise UploadRejected(NO_VOLUME)
     path = Path(path)
     name = path.name
-    if not name.lower().endswith(NIFTI_SUFFIXES):
-        raise UploadRejected(f"{name} is not a NIfTI file: upload a .nii or .nii.gz volume.")
+    if not name.lower().endswith(UPLOAD_SUFFIXES):
+        raise UploadRejected(f"{name} is neither NIfTI nor a zip: upload a .nii / .nii.gz volume or a .zip of one DICOM series.")
     size = path.stat().st_size
     if size > max_upload_mb * MEGABYTE:
         raise UploadRejected(
@@ -85,10 +88,11 @@ def read_upload(path: str | os.PathLike | None, max_upload_mb: float) -> LoadedV
             "(start it with max_upload_mb= to change the limit)."
         )
     try:
-        array = load_volume(path)
-    except ValueError as error:  # DataError: missing, corrupt, wrong shape, NaN
-        raise UploadRejected(f"Cannot read {name}: {str(error).replace(str(path), name)}") from None
-    return LoadedVolume(name=name, array=array, low=float(array.min()), high=float(array.max()))
+        read = read_input(path)
+    except ValueError as error:  # DataError: missing, corrupt, wrong shape, NaN, a refused DICOM series
+        raise UploadRejected(f"Cannot read {name}: {str(error).replace(str(path.parent) + '/', '')}") from None
+    array = read.array
+    return LoadedVolume(name, array, float(array.min()), float(array.max()), read.prepared)
 
 
 def slice_count(volume: LoadedVolume, plane: str) -> int:
@@ -109,13 +113,16 @@ def slice_image(volume: LoadedVolume | None, plane: str, index: float) -> np.nda
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
 
-def volume_summary(volume: LoadedVolume, model_size: Sequence[int] | None) -> str:
+def volume_summary(volume: LoadedVolume, model_size: Sequence[int] | None, preprocessing: Any = None) -> str:
     d, h, w = volume.shape
     lines = [f"**{volume.name}**: {d} x {h} x {w} voxels (D x H x W), values {volume.low:.3g} to {volume.high:.3g}."]
+    if not volume.prepared:
+        if preprocessing is None:
+            lines.append("These are raw values (e.g. HU), and this model records no preprocessing: it reads prepared volumes only.")
+        else:
+            lines.append(f"Raw CT: the model reads it as in training, {preprocessing.describe()}.")
     if model_size is not None and tuple(model_size) != volume.shape:
         lines.append("The model reads it resized to " + " x ".join(str(n) for n in model_size) + ".")
-    if volume.low < 0 or volume.high > 1:
-        lines.append("Its values leave [0, 1], so the model sees them scaled by min and max.")
     return " ".join(lines)
 
 
@@ -170,7 +177,8 @@ class VolumeApp:
         middles = {plane: slice_count(volume, plane) // 2 for plane in PLANES}
         images = [slice_image(volume, plane, middles[plane]) for plane in PLANES]
         sliders = [slider_setting(slice_count(volume, plane), middles[plane]) for plane in PLANES]
-        return (volume, volume_summary(volume, self.model.image_size), *images, *sliders)
+        summary = volume_summary(volume, self.model.image_size, getattr(self.model, "preprocessing", None))
+        return (volume, summary, *images, *sliders)
 
     def show_slice(self, volume: LoadedVolume | None, plane: str, index: float) -> np.ndarray | None:
         try:
@@ -232,7 +240,7 @@ class VolumeApp:
             gr.Markdown(f"# {self.title}\nA {kind}. Upload a volume, browse it, then ask.")
             volume = gr.State(None)
             with gr.Row():
-                upload = gr.File(label="Volume (.nii or .nii.gz)", type="filepath", elem_id="upload", scale=1)
+                upload = gr.File(label="Volume (.nii, .nii.gz, or a DICOM series .zip)", type="filepath", elem_id="upload", scale=1)
                 status = gr.Markdown(NO_VOLUME, elem_id="status")
             images, sliders = [], []
             with gr.Row():

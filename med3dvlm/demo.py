@@ -3,6 +3,11 @@
     python -m med3dvlm.demo model_dir=exports/vlm image=scan.nii.gz question="Which organ has a lesion?"
     python -m med3dvlm.demo model_dir=exports/vlm image=scan.nii.gz            # no question: a report
     python -m med3dvlm.demo model_dir=exports/siglip image=scan.nii.gz texts="Liver lesion.|No lesion." k=1
+    python -m med3dvlm.demo model_dir=exports/vlm image=dicom_series_folder/     # or series.zip
+
+``image`` is a prepared volume (``.nii``, ``.nii.gz``, ``.npy`` in [0, 1]) or raw CT: a NIfTI in HU, a
+DICOM series folder or a ``.zip`` of one (``series=`` picks one series of a folder holding several).
+Raw CT goes through the preprocessing the model's training data had (``preprocessing.json``).
 
 A VLM answers (with ``choices="a|b|c|d"`` as a closed question); a stage-1 model ranks ``texts``
 (``|``-separated, or ``@file`` with one per line; a ``question`` is ranked with them) by similarity
@@ -15,12 +20,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from med3dvlm.cli import Option, UsageError, fail, parse_key_values, parse_list, usage, wants_help
+from med3dvlm.cli import Option, UsageError, fail, parse_key_values, parse_list, reports_mistakes, usage, wants_help
 
 PROGRAM = "med3dvlm.demo"
 OPTIONS = {
     "model_dir": Option("an export folder (python -m med3dvlm.export) or a training checkpoint", required=True),
-    "image": Option("the volume: .nii, .nii.gz or .npy", required=True),
+    "image": Option("the volume: .nii / .nii.gz / .npy, a DICOM series folder or a .zip of one", required=True),
+    "series": Option("DICOM: the SeriesInstanceUID or number to read from a folder of several", default=None),
     "question": Option("the question; without one a VLM writes a report", default=""),
     "choices": Option("four answers a|b|c|d: asks a closed question", default=None, parse=parse_list),
     "texts": Option("stage-1 model: texts to rank, a|b|c or @file (one per line)", default=None, parse=parse_list),
@@ -33,13 +39,13 @@ OPTIONS = {
 
 def run(settings: dict) -> str:
     """The demo's output for parsed ``settings`` (see ``OPTIONS``)."""
-    from med3dvlm.api import load_model, question_prompt, volume_array
+    from med3dvlm.api import load_model, question_prompt, read_input
 
     question = settings["question"].strip()
     if settings["choices"] is not None and not question:
         raise UsageError("choices= needs a question=")
     prompt = question_prompt(question, settings["choices"]) if question else None
-    volume = volume_array(settings["image"])  # a bad file is reported before the (slow) model load
+    volume = read_input(settings["image"], series=settings["series"])  # a bad file fails before the (slow) model load
     model = load_model(settings["model_dir"], device=settings["device"], dtype=settings["dtype"])
     if model.kind == "vlm":
         if settings["texts"]:
@@ -62,6 +68,7 @@ def run(settings: dict) -> str:
     return "\n".join(lines)
 
 
+@reports_mistakes(PROGRAM)  # a missing file, an unreadable volume or checkpoint: one line, status 2
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
@@ -71,10 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = parse_key_values(argv, OPTIONS)
     except UsageError as error:
         return fail(str(error), PROGRAM, OPTIONS)
-    try:
-        print(run(settings))
-    except (ValueError, FileNotFoundError) as error:  # user errors: DataError and UsageError are ValueErrors
-        return fail(str(error))
+    print(run(settings))
     return 0
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from med3dvlm.cli import reports_mistakes
+
 log = logging.getLogger(__name__)
 
 
@@ -31,24 +33,16 @@ CONTRASTIVE_STAGE_TARGET = "med3dvlm.stages.contrastive.ContrastiveModule"
 
 
 def read_checkpoint(ckpt_path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """``(run config, checkpoint)`` of a checkpoint written by ``python -m med3dvlm.train``."""
-    import torch
+    """``(run config, checkpoint)`` of a checkpoint written by ``python -m med3dvlm.train``, read
+    without running anything in it (:mod:`med3dvlm.checkpoint_io`)."""
     from omegaconf import OmegaConf
 
+    from med3dvlm.checkpoint_io import load_checkpoint, stored_run_config
     from med3dvlm.resolvers import register_resolvers
-    from med3dvlm.train import CONFIG_CHECKPOINT_KEY
 
     register_resolvers()
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - whatever the unpickler says, the file is no checkpoint
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
-    if not isinstance(checkpoint, dict) or CONFIG_CHECKPOINT_KEY not in checkpoint:
-        raise ValueError(f"{path} holds no med3dvlm run config: was it written by `python -m med3dvlm.train`?")
-    return OmegaConf.create(checkpoint[CONFIG_CHECKPOINT_KEY]), checkpoint
+    checkpoint = load_checkpoint(ckpt_path)
+    return OmegaConf.create(stored_run_config(checkpoint, ckpt_path)), checkpoint
 
 
 def checkpoint_stage(cfg: Any) -> str:
@@ -83,12 +77,27 @@ def load_stage_checkpoint(ckpt_path: str | os.PathLike):
 
 
 def load_checkpoint_model(ckpt_path: str | os.PathLike):
-    """The trained model of any stage's checkpoint, read once: a ``VLMStage`` (stages 2-3) or a
-    :class:`ContrastiveCheckpoint` (stage 1)."""
+    """The trained model of any stage's checkpoint, read once: ``(VLMStage, preprocessing)`` for
+    stages 2-3, ``(ContrastiveCheckpoint, preprocessing)`` for stage 1; ``preprocessing`` is what
+    the training data had (:func:`training_preprocessing`)."""
     cfg, checkpoint = read_checkpoint(ckpt_path)
     if checkpoint_stage(cfg) == "vlm":
-        return _instantiate_from_checkpoint(cfg, checkpoint)
-    return _contrastive_from_checkpoint(cfg, checkpoint)
+        return _instantiate_from_checkpoint(cfg, checkpoint), training_preprocessing(cfg)
+    return _contrastive_from_checkpoint(cfg, checkpoint), training_preprocessing(cfg)
+
+
+def training_preprocessing(cfg: Any):
+    """The :class:`~med3dvlm.data.preprocessing.Preprocessing` a run's data had (``data.preprocessing``,
+    recorded by ``train`` from the data root), else the data root's record if it is still there, else None."""
+    from omegaconf import OmegaConf
+
+    from med3dvlm.data.preprocessing import Preprocessing, read_preprocessing
+
+    record = cfg.data.get("preprocessing")
+    if record is not None:
+        return Preprocessing.from_dict(OmegaConf.to_container(record, resolve=True), where="the run config")
+    root = cfg.data.datamodule.get("root")
+    return read_preprocessing(root) if root and Path(root).is_dir() else None
 
 
 def training_image_size(cfg: Any) -> list[int] | None:
@@ -134,41 +143,53 @@ def _contrastive_from_checkpoint(cfg: Any, checkpoint: dict[str, Any]) -> Contra
     )
 
 
-def _save(loaded: Any, output_dir: str | os.PathLike) -> Path:
-    """Writes a loaded checkpoint model (``VLMStage`` or :class:`ContrastiveCheckpoint`) as a folder."""
+def _save(loaded: Any, output_dir: str | os.PathLike, preprocessing: Any) -> Path:
+    """Writes a loaded checkpoint model (``VLMStage`` or :class:`ContrastiveCheckpoint`) as a folder,
+    with ``preprocessing.json`` when the training data recorded its preprocessing."""
+    from med3dvlm.data.preprocessing import PREPROCESSING_FILE, write_preprocessing
     from med3dvlm.models.contrastive import save_pretrained_contrastive
 
     if isinstance(loaded, ContrastiveCheckpoint):
-        return save_pretrained_contrastive(
+        path = save_pretrained_contrastive(
             loaded.model, output_dir, loaded.tokenizer, loaded.image_size, max_text_tokens=loaded.max_text_tokens
         )
-    loaded.model.eval()
-    return loaded.model.save_pretrained(output_dir)  # merges LoRA first
+    else:
+        loaded.model.eval()
+        path = loaded.model.save_pretrained(output_dir)  # merges LoRA first
+    if preprocessing is not None:
+        write_preprocessing(path, preprocessing)
+    else:
+        (Path(path) / PREPROCESSING_FILE).unlink(missing_ok=True)  # never a stale record of an earlier export
+        log.warning("%s: the training data recorded no preprocessing; the export reads prepared volumes only", path)
+    return path
+
+
+def _export(ckpt_path: str | os.PathLike, output_dir: str | os.PathLike, stage: str | None) -> tuple[str, Path]:
+    loaded, preprocessing = load_checkpoint_model(ckpt_path)
+    found = "contrastive" if isinstance(loaded, ContrastiveCheckpoint) else "vlm"
+    if stage is not None and found != stage:
+        raise ValueError(f"{ckpt_path} is a {found} checkpoint, not a {stage} one")
+    path = _save(loaded, output_dir, preprocessing)
+    log.info("exported %s (%s) to %s", ckpt_path, found, path)
+    return found, path
 
 
 def export_vlm(ckpt_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Merges LoRA and writes the VLM of ``ckpt_path`` to ``output_dir``; returns the folder."""
-    path = _save(load_stage_checkpoint(ckpt_path), output_dir)
-    log.info("exported %s to %s", ckpt_path, path)
-    return path
+    return _export(ckpt_path, output_dir, "vlm")[1]
 
 
 def export_contrastive(ckpt_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Writes the stage-1 model of ``ckpt_path`` (both towers, heads, tokenizer) to ``output_dir``."""
-    path = _save(load_contrastive_checkpoint(ckpt_path), output_dir)
-    log.info("exported %s to %s", ckpt_path, path)
-    return path
+    return _export(ckpt_path, output_dir, "contrastive")[1]
 
 
 def export_checkpoint(ckpt_path: str | os.PathLike, output_dir: str | os.PathLike) -> tuple[str, Path]:
     """Exports a stage-1 or stage-2/3 checkpoint, whichever it is; returns ``(stage, folder)``."""
-    loaded = load_checkpoint_model(ckpt_path)
-    stage = "contrastive" if isinstance(loaded, ContrastiveCheckpoint) else "vlm"
-    path = _save(loaded, output_dir)
-    log.info("exported %s (%s) to %s", ckpt_path, stage, path)
-    return stage, path
+    return _export(ckpt_path, output_dir, None)
 
 
+@reports_mistakes("med3dvlm.export")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m med3dvlm.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a stage-1, -2 or -3 checkpoint, e.g. <run>/checkpoints/last.ckpt")

@@ -14,23 +14,22 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from med3dvlm.cli import reporting_mistakes, reports_mistakes
 from med3dvlm.resolvers import register_resolvers
 
 register_resolvers()
 
 
+@reports_mistakes("med3dvlm.prepare")  # a PreparationError (the command cannot start) -> one line, status 2
 @hydra.main(version_base="1.3", config_path="pkg://med3dvlm.configs", config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    from med3dvlm.data.prepare import PreparationError, run_from_config
+    from med3dvlm.data.prepare import run_from_config
 
-    try:
+    with reporting_mistakes():
         summary = run_from_config(cfg)
-    except PreparationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     if summary.exit_code:
         sys.exit(summary.exit_code)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,14 +15,39 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+# CONFIG_CHECKPOINT_KEY: the run config's key in every checkpoint (also importable from here)
+from med3dvlm.checkpoint_io import CONFIG_CHECKPOINT_KEY, refusing_unsafe_pickles
+from med3dvlm.cli import reporting_mistakes, reports_mistakes
 from med3dvlm.resolvers import register_resolvers
 
 log = logging.getLogger(__name__)
 CONFIG_PATH = "pkg://med3dvlm.configs"
-# Stored in every checkpoint so `python -m med3dvlm.eval ckpt_path=...` can rebuild the model.
-CONFIG_CHECKPOINT_KEY = "med3dvlm_config"
 
 register_resolvers()
+
+
+# The DataModule each stage reads, and data configs that give it.
+STAGE_DATA = {
+    "med3dvlm.stages.contrastive.ContrastiveModule": (
+        "med3dvlm.data.M3DCapDataModule", "image-report pairs (e.g. data=phantom_cap or data=m3d_cap)"
+    ),
+    "med3dvlm.stages.vlm.VLMStage": (
+        "med3dvlm.data.MixtureDataModule", "a task mixture (e.g. data=phantom_vqa or data=m3d_vqa)"
+    ),
+}
+
+
+def check_stage_data(cfg: DictConfig) -> None:
+    """Stage 1 learns from image-report pairs, stages 2-3 from a task mixture: a data config of the
+    other kind is refused before anything is built (a DataModule of the user's own passes)."""
+    stage = cfg.model.get("_target_")
+    datamodule = cfg.data.datamodule.get("_target_")
+    known = {target for target, _ in STAGE_DATA.values()}
+    if stage in STAGE_DATA and datamodule in known and datamodule != STAGE_DATA[stage][0]:
+        expected, configs = STAGE_DATA[stage]
+        raise ValueError(
+            f"model {stage} reads a {expected}, but the data config builds a {datamodule}: use {configs}"
+        )
 
 
 def prepare_data(cfg: DictConfig) -> None:
@@ -40,6 +65,28 @@ def prepare_data(cfg: DictConfig) -> None:
 
         # the fast copies; existing ones are kept, so this is cheap after the first run
         convert_dataset(root, formats=("nii.gz", volume_format), progress=False)
+
+
+def record_data_preprocessing(cfg: DictConfig) -> None:
+    """``cfg.data.preprocessing``: the data root's record of how raw CT became its volumes
+    (``preprocessing.json``, written by ``prepare`` and the phantom generator), or null. It travels in
+    every checkpoint and export, so inference applies it to raw input."""
+    from omegaconf import open_dict
+
+    from med3dvlm.data.preprocessing import read_preprocessing
+
+    if cfg.data.get("preprocessing") is not None:
+        return  # set by the user (e.g. data prepared by other tools)
+    root = cfg.data.datamodule.get("root")
+    record = read_preprocessing(root) if root else None
+    with open_dict(cfg):
+        cfg.data.preprocessing = None if record is None else record.to_dict()
+    if record is None:
+        log.warning(
+            "%s records no preprocessing (preprocessing.json): the trained model will accept only prepared "
+            "volumes in [0, 1], not raw CT; set data.preprocessing or prepare the data with python -m med3dvlm.prepare",
+            root,
+        )
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -75,9 +122,13 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
 
     from med3dvlm.stages.callbacks import write_json
 
-    L.seed_everything(cfg.seed, workers=True)
+    check_stage_data(cfg)
     output_dir = cfg.paths.output_dir
+    # a missing checkpoint is reported before anything is built
+    resume_from = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir) if cfg.get("train", True) else None
+    L.seed_everything(cfg.seed, workers=True)
     prepare_data(cfg)
+    record_data_preprocessing(cfg)
 
     log.info("building datamodule <%s>", cfg.data.datamodule._target_)
     datamodule = hydra.utils.instantiate(cfg.data.datamodule)
@@ -97,7 +148,9 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+        # Lightning reads the checkpoint with torch.load(weights_only=True): nothing in it runs
+        with refusing_unsafe_pickles(resume_from):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     if cfg.get("test", False):
@@ -105,7 +158,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
         ckpt = best if best and not cfg.trainer.get("fast_dev_run") else None
         if ckpt is None:
             log.warning("no best checkpoint: testing the current weights")
-        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt)
+        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         report = getattr(module, "test_report", None)
         if callable(report) and trainer.is_global_zero:
@@ -116,9 +169,11 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
     return metrics
 
 
+@reports_mistakes("med3dvlm.train")
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    with reporting_mistakes():
+        metrics = train(cfg)
     monitor = cfg.get("monitor")
     if monitor and monitor.get("metric") in metrics:
         return metrics[monitor.metric]  # the value Hydra sweepers optimise
@@ -126,4 +181,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -34,7 +34,7 @@ def reference_module(tiny_models):
 
     from med3dvlm.train import CONFIG_CHECKPOINT_KEY
 
-    checkpoint = torch.load(tiny_models.clip_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(tiny_models.clip_checkpoint, map_location="cpu", weights_only=True)
     cfg = OmegaConf.create(checkpoint[CONFIG_CHECKPOINT_KEY])
     module = hydra.utils.instantiate(cfg.model)
     module.load_state_dict(checkpoint["state_dict"])
@@ -120,11 +120,13 @@ def test_a_volume_is_a_path_an_array_or_a_tensor_and_is_brought_to_the_model(cli
     by_path = clip.embed_image(path)
     torch.testing.assert_close(clip.embed_image(array[0]), by_path)
     torch.testing.assert_close(clip.embed_image(torch.from_numpy(array)), by_path)
-    # values outside [0, 1] (e.g. Hounsfield units) are scaled by min and max
-    hounsfield = array * 1400.0 - 1000.0
+    # values outside [0, 1] are raw HU: the recorded preprocessing (the phantoms' window -1000..1000 HU)
+    # maps them back onto the phantom, by the window's formula, not by min and max
+    assert clip.preprocessing.hu_window == (-1000.0, 1000.0)
+    hounsfield = array * 2000.0 - 1000.0
+    torch.testing.assert_close(clip.embed_image(hounsfield), by_path, rtol=1e-4, atol=1e-5)
     min_max = (array - array.min()) / (array.max() - array.min())
-    torch.testing.assert_close(clip.embed_image(hounsfield), clip.embed_image(min_max), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(clip.embed_image(min_max), by_path, atol=1e-5)  # the scaling did something
+    assert not torch.allclose(clip.embed_image(min_max), by_path, atol=1e-5)  # min-max would differ
     # another size is resized trilinearly to the model's (16, 32, 32)
     small = torch.rand(1, 1, 8, 16, 24, generator=torch.Generator().manual_seed(0))
     resized = F.interpolate(small, size=(16, 32, 32), mode="trilinear", align_corners=False)

@@ -33,7 +33,7 @@ def refusals(tmp_path, volume):
     big.write_bytes(volume.read_bytes() + b"\0" * (1024 * 1024))  # over the 1 MB limit of vlm_app
     return [
         (None, "Upload a NIfTI volume"),
-        (tmp_path / "notes.txt", "notes.txt is not a NIfTI file"),
+        (tmp_path / "notes.txt", "notes.txt is neither NIfTI nor a zip"),
         (tmp_path / "broken.nii.gz", "Cannot read broken.nii.gz"),
         (tmp_path / "flat.nii", "Cannot read flat.nii"),
         (big, "big.nii.gz is 1.0 MB, above this app's limit of 1 MB"),

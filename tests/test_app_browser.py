@@ -161,7 +161,7 @@ def test_upload_browse_ask_describe_in_headless_chromium(app_url, browser, tiny_
     notes = tmp_path / "notes.txt"
     notes.write_text("not a volume")
     upload(notes)
-    wait.until(lambda _: "notes.txt is not a NIfTI file" in element("#status").text)
+    wait.until(lambda _: "notes.txt is neither NIfTI nor a zip" in element("#status").text)
     element("#upload button[aria-label=Clear]").click()
 
     # the phantom volume: three slices with sliders

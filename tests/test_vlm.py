@@ -13,7 +13,15 @@ import torch
 
 from hydra_helpers import CPU_TINY, compose_config, small_llm
 from med3dvlm.models.llm import IMAGE_TOKEN, add_image_token_embeddings, load_language_model, load_tokenizer
-from med3dvlm.models.vlm import IGNORE_INDEX, image_prompt, left_align, pad_sequences, splice_image_features
+from med3dvlm.models.vlm import (
+    IGNORE_INDEX,
+    Med3DVLM,
+    image_prompt,
+    left_align,
+    pad_sequences,
+    released_splice_image_features,
+    splice_image_features,
+)
 from med3dvlm.stages.vlm import VLMCollator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,6 +109,96 @@ def test_splice_refuses_a_wrong_number_of_placeholders():
     ids = torch.tensor([[7, 9, 9, 1, 1, 1], [7, 9, 1, 1, 1, 1]])  # row 1 holds one placeholder, not two
     with pytest.raises(ValueError, match=r"exactly 2 .*\{1: 1\}"):
         splice_image_features(embeddings, ids, 9, features)
+
+
+# -- the released splice (SPEC §5) ------------------------------------------------------------------
+def reference_released_splice(embeddings, attention_mask, features):
+    """The released formula, row by row on the unpadded sequence: keep token 0, write the N features
+    over tokens 1..N, keep the rest."""
+    out = embeddings.clone()
+    for b in range(embeddings.shape[0]):
+        real = attention_mask[b].nonzero().flatten().tolist()
+        sequence = embeddings[b, real]
+        spliced = torch.cat((sequence[:1], features[b], sequence[1 + features.shape[1] :]))
+        out[b, real] = spliced
+    return out
+
+
+def released_twin(vlm, released_splice=True):
+    """The same modules with the other splice."""
+    return Med3DVLM(
+        vlm.image_encoder, vlm.projector, vlm.language_model, vlm.tokenizer, vlm.image_size, vlm.projector_config,
+        released_splice=released_splice,
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_released_splice_writes_the_features_after_each_prompts_first_token(side):
+    image_token, pad = 9, 0
+    rows = [[9, 9, 9, 5, 6, 7], [9, 9, 9, 8]]  # placeholders first, as Qwen prompts (no BOS)
+    input_ids, mask = pad_sequences(rows, pad, side=side)
+    embeddings = torch.randn(2, input_ids.shape[1], 4, generator=torch.Generator().manual_seed(0))
+    features = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1))
+    got = released_splice_image_features(embeddings, input_ids, image_token, features, mask)
+    torch.testing.assert_close(got, reference_released_splice(embeddings, mask, features), rtol=0, atol=0)
+    first = mask.argmax(dim=1)
+    for b in range(2):  # position 0 keeps the placeholder, the token after the placeholders is gone
+        torch.testing.assert_close(got[b, first[b]], embeddings[b, first[b]], rtol=0, atol=0)
+        torch.testing.assert_close(got[b, first[b] + 3], features[b, 2], rtol=0, atol=0)
+    corrected = splice_image_features(embeddings, input_ids, image_token, features)
+    assert not torch.equal(corrected, got)
+    short, short_mask = pad_sequences([[9, 9, 9, 5], [9, 9, 9]], pad, side=side)
+    with pytest.raises(ValueError, match=r"rows \[1\] hold fewer than 4 tokens"):
+        released_splice_image_features(torch.zeros(2, 4, 4), short, image_token, features, short_mask)
+
+
+def test_released_prompts_put_a_space_before_vqa_questions_only(vlm):
+    released, tokenizer, n = released_twin(vlm), vlm.tokenizer, vlm.num_image_tokens
+    caption = "Describe the findings of this medical image."
+    ids, mask = released.tokenize_prompts([QUESTIONS[1], caption, QUESTIONS[1]], tasks=["vqa_open", "caption", None])
+    rows = [ids[r][mask[r].bool()].tolist() for r in range(3)]
+    assert rows[0] == rows[2] == tokenizer(IMAGE_TOKEN * n + " " + QUESTIONS[1])["input_ids"]
+    assert rows[1] == tokenizer(IMAGE_TOKEN * n + caption)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(rows[0][n]) == "ĠWhat"
+    plain_ids, _ = vlm.tokenize_prompts([QUESTIONS[1]], tasks=["vqa_open"])  # a model trained here: no space
+    assert plain_ids[0].tolist() == tokenizer(image_prompt(QUESTIONS[1], n))["input_ids"]
+
+
+def test_released_splice_applies_in_the_forward_and_in_generation(vlm):
+    released = released_twin(vlm)
+    tokenizer, n = vlm.tokenizer, vlm.num_image_tokens
+    input_ids, mask = pad_sequences(
+        [tokenizer(IMAGE_TOKEN * n + " " + q)["input_ids"] for q in QUESTIONS], tokenizer.pad_token_id
+    )
+    images = volumes(vlm, 3, seed=2)
+    with torch.no_grad():
+        plain = vlm.language_model.get_input_embeddings()(input_ids)
+        expected_embeddings = reference_released_splice(plain, mask, vlm.encode_images(images))
+        expected = vlm.language_model(inputs_embeds=expected_embeddings, attention_mask=mask).logits
+        got = released(images, input_ids, mask).logits
+        corrected = vlm(images, input_ids, mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+    assert (corrected[real] - expected[real]).abs().max() > 1e-3  # the default splice differs
+    prompts, prompt_mask = released.tokenize_prompts(QUESTIONS)  # left padded
+    first = released.generate(images, prompts, prompt_mask, max_new_tokens=1, output_logits=True,
+                              return_dict_in_generate=True).logits[0]  # fmt: skip
+    last = mask.sum(dim=1) - 1
+    torch.testing.assert_close(first, expected[torch.arange(3), last], rtol=1e-4, atol=1e-5)
+
+
+def test_the_splice_flag_is_saved_and_restored(vlm, tmp_path):
+    import json
+
+    assert vlm.released_splice is False  # models built here use the corrected splice
+    for flag in (False, True):
+        folder = released_twin(vlm, released_splice=flag).save_pretrained(tmp_path / f"released_{flag}")
+        assert json.loads((folder / "med3dvlm.json").read_text())["released_splice"] is flag
+        assert Med3DVLM.from_pretrained(folder).released_splice is flag
+    config = json.loads((folder / "med3dvlm.json").read_text())
+    (folder / "med3dvlm.json").write_text(json.dumps({**config, "released_splice": "yes"}))
+    with pytest.raises(ValueError, match=r"med3dvlm.json: released_splice must be true or false"):
+        Med3DVLM.from_pretrained(folder)
 
 
 def test_left_align_moves_right_padding_to_the_left():

@@ -50,6 +50,7 @@ def write_clip_checkpoint(tmp_path: Path) -> Path:
     from med3dvlm.train import CONFIG_CHECKPOINT_KEY
 
     cfg = compose_config("train", ["experiment=siglip", "debug=tiny", *CPU_TINY], tmp_path)
+    record_phantom_preprocessing(cfg)
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg.model)
     with torch.no_grad():
@@ -62,11 +63,27 @@ def write_clip_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
+def record_phantom_preprocessing(cfg) -> None:
+    """``data.preprocessing`` as ``train`` records it from a phantom root (the models are built without training)."""
+    from omegaconf import open_dict
+
+    from med3dvlm.data.phantoms import phantom_preprocessing
+
+    with open_dict(cfg):
+        cfg.data.preprocessing = phantom_preprocessing(PHANTOM_SHAPE).to_dict()
+
+
 def write_vlm(tmp_path: Path) -> Path:
+    """A VLM folder as ``export`` writes it: weights, config and the phantoms' preprocessing record."""
+    from med3dvlm.data.phantoms import phantom_preprocessing
+    from med3dvlm.data.preprocessing import write_preprocessing
+
     cfg = compose_config("train", ["experiment=finetune", "debug=tiny", *CPU_TINY, *SMALL_LLM], tmp_path)
     torch.manual_seed(0)
     vlm = hydra.utils.instantiate(cfg.model.model).eval()
-    return vlm.save_pretrained(tmp_path / "vlm")
+    folder = vlm.save_pretrained(tmp_path / "vlm")
+    write_preprocessing(folder, phantom_preprocessing(PHANTOM_SHAPE))
+    return folder
 
 
 def build_tiny_models(tmp_path: Path) -> TinyModels:

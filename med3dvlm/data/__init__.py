@@ -22,6 +22,8 @@ _EXPORTS = {
     "samples": ("TASKS", "Sample"),
     "transforms": ("eval_transforms", "train_transforms"),
     "volumes": ("load_volume", "save_volume"),
+    "ct": ("CTScan", "DicomSeriesError", "SeveralSeriesError", "list_series", "load_ct"),
+    "preprocessing": ("Preprocessing", "read_preprocessing", "write_preprocessing"),
     "phantoms": ("make_phantom_dataset", "ensure_phantom_dataset"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -12,6 +12,13 @@ What is checked (options in ``configs/check.yaml``):
   ``(1, *shape)`` (SPEC §6: 1 x 128 x 256 x 256) and values within ``value_range`` ([0, 1]).
 
 Each problem names the file and the JSON entry or CSV row. Exit status 1 when there is any.
+
+    python -m med3dvlm.data.check ct=PATH [series=UID]
+
+checks raw CT before preparing or asking a model about it: a NIfTI file, or a folder (or ``.zip``)
+of DICOM files. Every image series found is read as ``load_ct`` reads it (ordered slices, spacing,
+HU) and listed with its size, spacing and HU range, without any patient-identifying header field;
+a series that cannot be read (several series mixed, missing slice, tilt, ...) is a problem.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from omegaconf import DictConfig
 
 from med3dvlm.data import layout
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.m3d import read_cap_json, read_vqa_csv, read_vqa_yes_no_csv
+from med3dvlm.data import ct_rate
+from med3dvlm.data.m3d import ReadResult, SkippedSample, read_cap_json, read_vqa_csv, read_vqa_yes_no_csv
+from med3dvlm.data.samples import Sample
 from med3dvlm.data.prepare import PREPARED_SHAPE, available_cores, run_jobs, write_atomic
 from med3dvlm.data.volumes import load_volume, with_volume_format
 from med3dvlm.resolvers import register_resolvers
@@ -68,6 +77,7 @@ class CheckReport:
     volumes: int = 0  # distinct volumes checked
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
+    info: list[str] = field(default_factory=list)  # what was found (ct= checks)
     _seen: set[Problem] = field(default_factory=set, repr=False)
 
     @property
@@ -87,6 +97,7 @@ class CheckReport:
                 f"{self.volumes} volumes [{self.seconds:.1f} s]"
             ),
         ]
+        lines += [f"  {line}" for line in self.info]
         if self.absent:
             lines.append(f"not present: {', '.join(self.absent)}")
         if not self.problems:
@@ -110,6 +121,7 @@ class CheckReport:
             "records": self.records,
             "volumes": self.volumes,
             "problems": [{"kind": p.kind, "message": p.message} for p in self.problems],
+            "info": self.info,
         }
 
 
@@ -151,6 +163,44 @@ def check_dataset(
     return report
 
 
+def check_ct(path: str | os.PathLike, series: str | None = None) -> CheckReport:
+    """Check raw CT (a NIfTI file, or a DICOM folder / ``.zip``): every image series (or ``series``)."""
+    from med3dvlm.data.ct import NIFTI_SUFFIXES, list_series, load_ct
+
+    start = time.perf_counter()
+    path = Path(path)
+    report = CheckReport(path)
+    if not path.exists():
+        report.add("file", f"{path}: not found")
+        return report
+    if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
+        targets = [(None, path.name)]
+    else:
+        try:
+            found = list_series(path)
+        except DataError as exc:
+            report.add("file", str(exc))
+            return report
+        targets = [(info.uid, info.line()) for info in found if series in (None, info.uid, info.number)]
+        if not targets:
+            report.add("file", f"{path}: no DICOM image series" + (f" matching series={series}" if series else ""))
+    for uid, label in targets:
+        report.files.append(label)
+        try:
+            volume, spacing = load_ct(path, series=uid)
+        except DataError as exc:
+            report.add("volume", str(exc))
+            continue
+        report.volumes += 1
+        low, high = float(volume.min()), float(volume.max())
+        size = " x ".join(map(str, volume.shape))
+        mm = " x ".join(f"{s:.3g}" for s in spacing)
+        note = "" if low < -500 else " (no air below -500: not CT in HU? an MRI, or stored values without rescale)"
+        report.info.append(f"{label}: {size} voxels (D x H x W), spacing {mm} mm, values {low:.0f} to {high:.0f}{note}")
+    report.seconds = time.perf_counter() - start
+    return report
+
+
 def _check_records(root: Path, volume_format: str | None, report: CheckReport, listed: dict[Path, list[str]]) -> None:
     """Read every layout file present; record problems and which entries/rows list each volume."""
     for path, read in _dataset_files(root, volume_format):
@@ -184,8 +234,16 @@ def _quiet_reader_warnings():
 
 def _dataset_files(root: Path, volume_format: str | None):
     """(file, reader) for every split of every layout file; the reader yields a ``ReadResult``."""
+    from med3dvlm.data.rad3d import is_rad3d_root, read_rad3d_csv
+
     for split in layout.CAP_SPLITS:
         yield root / layout.CAP_JSON, lambda split=split: read_cap_json(root, split, "skip", volume_format)
+    if is_rad3d_root(root):  # a prepared CT-RATE root: 3D-RAD questions and the abnormality labels
+        for split in layout.CAP_SPLITS:
+            for path in sorted((root / ct_rate.RAD3D_DIR / split).glob("task*_*.csv")):
+                yield path, lambda path=path: read_rad3d_csv(path, root, "skip", volume_format)
+            yield ct_rate.labels_csv(root, split), lambda split=split: _read_labels(root, split)
+        return
     for split in layout.CAP_SPLITS:
         path = root / layout.VQA_DIR / layout.VQA_CSV[split]
         # closed mode checks every column the open mode does, and the answer letter too
@@ -193,6 +251,14 @@ def _dataset_files(root: Path, volume_format: str | None):
     for split in layout.CAP_SPLITS:
         path = root / layout.VQA_DIR / layout.VQA_YN_CSV[split]
         yield path, lambda path=path: read_vqa_yes_no_csv(path, root, "skip", volume_format)
+
+
+def _read_labels(root: Path, split: str) -> ReadResult:
+    """The abnormality labels as a ``ReadResult`` (a caption-like sample per labelled volume)."""
+    skipped: list[str] = []
+    volumes = ct_rate.read_abnormality_labels(root, split, skipped=skipped)
+    samples = [Sample(v.image_path, "", "", "caption", v.source) for v in volumes]
+    return ReadResult(samples, [SkippedSample(reason.split(": ", 1)[0], reason) for reason in skipped])
 
 
 def inspect_volume(job: VolumeJob) -> list[str]:
@@ -219,7 +285,21 @@ def _crashed(job: VolumeJob, error: BaseException) -> list[str]:
 
 def run_from_config(cfg: Any) -> CheckReport:
     """Run the check a ``configs/check.yaml`` config asks for; print the summary, save the report."""
-    report = check_dataset(
+    if cfg.get("ct"):
+        report = check_ct(cfg["ct"], series=None if cfg.get("series") is None else str(cfg["series"]))
+    elif not cfg.get("root"):
+        raise ValueError("nothing to check: give root=DATASET_ROOT (a prepared dataset) or ct=PATH (raw CT)")
+    else:
+        report = _check_dataset_from_config(cfg)
+    print(report.text(cfg.get("max_listed", 50)))
+    if cfg.get("report_file"):
+        content = json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n"
+        write_atomic(Path(cfg["report_file"]), content.encode("utf-8"))
+    return report
+
+
+def _check_dataset_from_config(cfg: Any) -> CheckReport:
+    return check_dataset(
         cfg["root"],
         shape=None if cfg.get("shape") is None else tuple(cfg["shape"]),
         value_range=None if cfg.get("value_range") is None else tuple(cfg["value_range"]),
@@ -228,11 +308,6 @@ def run_from_config(cfg: Any) -> CheckReport:
         workers=cfg.get("workers"),
         progress=bool(cfg.get("progress", True)),
     )
-    print(report.text(cfg.get("max_listed", 50)))
-    if cfg.get("report_file"):
-        content = json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n"
-        write_atomic(Path(cfg["report_file"]), content.encode("utf-8"))
-    return report
 
 
 register_resolvers()
@@ -240,7 +315,11 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="pkg://med3dvlm.configs", config_name="check")
 def main(cfg: DictConfig) -> None:
-    report = run_from_config(cfg)
+    try:
+        report = run_from_config(cfg)
+    except ValueError as exc:  # a usage mistake: a message and status 2, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     if report.exit_code:
         sys.exit(report.exit_code)
 

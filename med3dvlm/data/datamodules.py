@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from med3dvlm.data.sampling import EpochIndex, ResumableDataLoader, ResumableSampler, sample_seed
 
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.layout import CLOSED_ANSWER_FORMAT, QUESTION_TYPES, check_closed_answer_format
+from med3dvlm.data.layout import ALL_QUESTION_TYPES, CLOSED_ANSWER_FORMAT, check_closed_answer_format
 from med3dvlm.data.m3d import OnBadSample, SkippedSample, check_on_bad_sample, read_task_split
 from med3dvlm.data.samples import TASKS, Sample
 from med3dvlm.data.transforms import IMAGE_KEY, eval_transforms, train_transforms
@@ -201,7 +201,7 @@ class MixtureDataModule(L.LightningDataModule):
             raise ValueError(f"max_samples names unknown tasks {sorted(set(caps) - set(TASKS))}; tasks are {TASKS}")
         if train_question_types is not None:
             train_question_types = tuple(train_question_types)
-            names = tuple(QUESTION_TYPES.values())
+            names = ALL_QUESTION_TYPES
             unknown = [kind for kind in train_question_types if kind not in names]
             if not train_question_types or unknown:
                 raise ValueError(f"train_question_types must be names from {names} (or null), got {list(train_question_types)}")

@@ -39,6 +39,17 @@ VQA_YN_COLUMNS = ("Image Path", "Text", "Question Type", "Question", "Answer")
 
 # SPEC §6: question types 1..5.
 QUESTION_TYPES = {1: "Plane", 2: "Phase", 3: "Organ", 4: "Abnormality", 5: "Location"}
+# 3D-RAD's six tasks (task1 .. task6): the question type of its questions (med3dvlm.data.rad3d).
+RAD3D_TASKS = {
+    1: "Anomaly Detection",
+    2: "Image Observation",
+    3: "Medical Computation",
+    4: "Existence Detection",
+    5: "Static Temporal Diagnosis",
+    6: "Longitudinal Temporal Diagnosis",
+}
+# Every question type a sample may carry, in table order: M3D-VQA's, then 3D-RAD's tasks.
+ALL_QUESTION_TYPES = (*QUESTION_TYPES.values(), *RAD3D_TASKS.values())
 ANSWER_LETTERS = ("A", "B", "C", "D")
 YES_NO_ANSWERS = ("Yes", "No")
 

@@ -314,7 +314,7 @@ def _required_text(row: dict[str, str], column: str, where: str) -> str:
 def parse_question_type(value: str, where: str) -> str:
     """The question type name for a CSV value: ``1``..``5`` (also ``"1.0"``) or the name itself."""
     text = value.strip()
-    by_name = {name.lower(): name for name in layout.QUESTION_TYPES.values()}
+    by_name = {name.lower(): name for name in layout.ALL_QUESTION_TYPES}  # M3D's types and 3D-RAD's tasks
     if text.lower() in by_name:
         return by_name[text.lower()]
     try:
@@ -409,6 +409,10 @@ def read_task_split(
     vqa_dir = root / layout.VQA_DIR
     if task == "caption":
         return read_cap_json(root, split, on_bad_sample, volume_format)
+    from med3dvlm.data.rad3d import is_rad3d_root, read_rad3d_split
+
+    if task in TASKS and is_rad3d_root(root):  # a prepared CT-RATE root: its questions are 3D-RAD's
+        return read_rad3d_split(root, task, split, on_bad_sample, volume_format, closed_answer_format)
     if task in ("vqa_closed", "vqa_open"):
         mode = task.removeprefix("vqa_")
         return read_vqa_csv(

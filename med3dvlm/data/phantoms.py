@@ -65,7 +65,6 @@ import io
 import json
 import math
 import os
-import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -76,7 +75,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from med3dvlm.data import layout
+from med3dvlm.data.preprocessing import PREPROCESSING_FILE, Preprocessing, write_preprocessing
 from med3dvlm.data.volumes import save_volume
+from med3dvlm.utils import write_atomic
 
 __all__ = [
     "ANATOMY",
@@ -87,6 +88,7 @@ __all__ = [
     "LESION_KINDS",
     "MARKER_NAME",
     "MAX_SHAPE",
+    "PHANTOM_HU_WINDOW",
     "PHASES",
     "PLANES",
     "PLANE_AXES",
@@ -96,6 +98,7 @@ __all__ = [
     "PhantomDataset",
     "ensure_phantom_dataset",
     "make_phantom_dataset",
+    "phantom_preprocessing",
     "read_phantom_marker",
     "render_volume",
     "sample_case",
@@ -113,6 +116,9 @@ MIN_DIM = 16
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 VOLUME_FORMATS = ("nii.gz", "npy")
 MIN_CASES = len(layout.CAP_SPLITS)
+# Phantom intensities stand for HU through this linear map (0 = -1000 HU air, 1 = +1000 HU), so a
+# phantom can be written as the HU NIfTI or DICOM series a scanner would give (tests, demos).
+PHANTOM_HU_WINDOW = (-1000.0, 1000.0)
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
@@ -865,15 +871,11 @@ def read_phantom_marker(root: str | os.PathLike) -> dict | None:
     return marker
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+def phantom_preprocessing(shape: Sequence[int]) -> Preprocessing:
+    """What the phantoms stand for as preprocessed CT: HU through ``PHANTOM_HU_WINDOW``, not cropped
+    (the phantom is drawn at its final size), at ``shape``. Recorded in every phantom root, so a model
+    trained on phantoms reads a phantom written as HU NIfTI or DICOM as the phantom itself."""
+    return Preprocessing(hu_window=PHANTOM_HU_WINDOW, crop_foreground=False, shape=tuple(shape))
 
 
 def _json_bytes(obj: object) -> bytes:
@@ -924,7 +926,7 @@ def make_phantom_dataset(
     texts = [f"{CASES_DIR}/{c.case_id}/text.txt" for c in cases]
     tables = [f"{layout.VQA_DIR}/{layout.VQA_CSV[s]}" for s in layout.CAP_SPLITS]
     tables += [f"{layout.VQA_DIR}/{layout.VQA_YN_CSV[s]}" for s in layout.CAP_SPLITS]
-    files = sorted(images + texts + tables + [layout.CAP_JSON])
+    files = sorted(images + texts + tables + [layout.CAP_JSON, PREPROCESSING_FILE])
     # An incomplete marker first: it claims the root (so a rerun may write there) and lists every
     # file this run or the previous one may have written (so a rerun can clean them up).
     old_files = set(previous.get("files", [])) if previous else set()
@@ -935,7 +937,7 @@ def make_phantom_dataset(
         "params": params,
         "files": sorted(old_files | set(files)),
     }
-    _atomic_write(root / MARKER_NAME, _json_bytes(marker))
+    write_atomic(root / MARKER_NAME, _json_bytes(marker))
 
     cap: dict[str, list[dict[str, str]]] = {s: [] for s in layout.CAP_SPLITS}
     vqa: dict[str, list[list]] = {s: [] for s in layout.CAP_SPLITS}
@@ -943,17 +945,18 @@ def make_phantom_dataset(
     for case, split, image, text in zip(cases, split_of, images, texts):
         save_volume(render_volume(case, shape, params["seed"]), root / image)
         report, closed, yn = write_case_texts(case, image, params["seed"])
-        _atomic_write(root / text, (report + "\n").encode("ascii"))
+        write_atomic(root / text, (report + "\n").encode("ascii"))
         cap[split].append({"image": image, "text": text})
         vqa[split].extend(closed)
         yes_no[split].extend(yn)
-    _atomic_write(root / layout.CAP_JSON, _json_bytes(cap))
+    write_atomic(root / layout.CAP_JSON, _json_bytes(cap))
     for split in layout.CAP_SPLITS:
         vqa_dir = root / layout.VQA_DIR
-        _atomic_write(vqa_dir / layout.VQA_CSV[split], _csv_bytes(layout.VQA_COLUMNS, vqa[split]))
-        _atomic_write(vqa_dir / layout.VQA_YN_CSV[split], _csv_bytes(layout.VQA_YN_COLUMNS, yes_no[split]))
+        write_atomic(vqa_dir / layout.VQA_CSV[split], _csv_bytes(layout.VQA_COLUMNS, vqa[split]))
+        write_atomic(vqa_dir / layout.VQA_YN_CSV[split], _csv_bytes(layout.VQA_YN_COLUMNS, yes_no[split]))
 
     _remove_stale(root, old_files - set(files))
+    write_preprocessing(root, phantom_preprocessing(shape))
     marker["complete"] = True
     marker["files"] = files
     marker["counts"] = {
@@ -961,7 +964,7 @@ def make_phantom_dataset(
         "vqa": {s: len(vqa[s]) for s in layout.CAP_SPLITS},
         "yes_no": {s: len(yes_no[s]) for s in layout.CAP_SPLITS},
     }
-    _atomic_write(root / MARKER_NAME, _json_bytes(marker))
+    write_atomic(root / MARKER_NAME, _json_bytes(marker))
     return _dataset(root, marker, generated=True)
 
 

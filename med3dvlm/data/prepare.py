@@ -43,13 +43,13 @@ dataset lists. Both run over the available cores and end with a ``Summary``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import multiprocessing
 import os
 import re
-import secrets
 import sys
 import threading
 import time
@@ -65,7 +65,18 @@ import numpy as np
 
 from med3dvlm.data import layout
 from med3dvlm.data.errors import DataError
+from med3dvlm.data.ct import list_series, load_ct
 from med3dvlm.data.m3d import fold_newlines, read_task_split
+from med3dvlm.data.preprocessing import (  # noqa: F401 - PREPARED_SHAPE, crop_and_resize: this module's API too
+    DEFAULT_HU_WINDOW,
+    PREPARED_SHAPE,
+    Preprocessing,
+    PreprocessingError,
+    crop_and_resize,
+    scale_min_max,
+    write_preprocessing,
+)
+from med3dvlm.utils import TEMPORARY_MARK, write_atomic
 from med3dvlm.data.volumes import (
     FAST_VOLUME_FORMAT,
     VOLUME_ENCODINGS,
@@ -78,17 +89,12 @@ from med3dvlm.data.volumes import (
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 
-PREPARED_SHAPE = (128, 256, 256)  # SPEC §6: every prepared volume is 1 x 128 x 256 x 256 (D, H, W)
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")  # SPEC §6: numbered 2D slices, PNG or JPEG
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 FINDINGS_MARKER = "study_findings:"  # SPEC §6: the report is what follows this marker ...
 DISCUSSION_MARKER = "discussion:"  # ... else what follows this one, else the whole text
-# Our default for HU input (not from the paper): the soft-tissue window, level 40 / width 400 HU,
-# in which most abdominal CT of M3D (Radiopaedia images) is displayed.
-DEFAULT_HU_WINDOW = (-160.0, 240.0)
-# Orientation of the file axes (x, y, z) = (W, H, D) after reorienting HU input: columns run to the
-# patient's left, rows to the back, slices to the feet, i.e. axial slices as radiologists view them.
-DISPLAY_AXCODES = ("L", "P", "I")
+MAX_NOTES_PRINTED = 20  # notes are informational; the summary file keeps all of them
+PREPARE_SOURCES = ("folders", "ct_rate")  # raw case folders (M3D, NIfTI, DICOM) or CT-RATE as downloaded
 SERIES_LAYOUTS = ("file", "folder")  # <case>/<series>.nii.gz (M3D's naming) or <case>/<series>/volume.nii.gz
 FOLDER_LAYOUT_VOLUME = "volume"
 DEFAULT_SPLIT_FRACTIONS = (0.9, 0.05, 0.05)  # ours: 5% of ~42k cases leaves > 2,000 test pairs (SPEC §7)
@@ -164,6 +170,12 @@ class PrepareSettings:
         settings = json.loads(json.dumps(asdict(self)))
         del settings["require_report"]
         return {"version": PREPARATION_VERSION, **settings}
+
+    def preprocessing(self, kind: str) -> Preprocessing:
+        """Raw -> prepared for a series of ``kind``: slices by min and max (SPEC §6), CT (NIfTI, DICOM)
+        through the HU window; both cropped to the foreground and resized to ``shape``."""
+        window = None if kind == "slices" else self.hu_window
+        return Preprocessing(hu_window=window, crop_foreground=True, shape=self.shape, reorient=self.reorient)
 
     def encoding(self, volume_format: str) -> str:
         """The uncompressed copy is the fast one; the others keep float32 (SPEC §6: float volumes)."""
@@ -331,56 +343,6 @@ def stack_slices(paths: Sequence[Path]) -> tuple[np.ndarray, str | None]:
     return np.stack(kept).astype(np.float32), note
 
 
-def scale_min_max(volume: np.ndarray, where: object) -> np.ndarray:
-    """Map the volume's minimum to 0 and maximum to 1 (SPEC §6)."""
-    low, high = float(volume.min()), float(volume.max())
-    if not high > low:
-        raise SeriesError(f"{where}: every voxel holds the same value {low}; there is no image to scale")
-    return (volume - np.float32(low)) / np.float32(high - low)
-
-
-def scale_hu_window(volume: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Clip to the window ``(lower, upper)`` in HU and map it linearly onto [0, 1]."""
-    lower, upper = window
-    return (np.clip(volume, lower, upper) - np.float32(lower)) / np.float32(upper - lower)
-
-
-def read_nifti_series(path: Path, reorient: bool) -> np.ndarray:
-    """A NIfTI volume as ``(D, H, W)`` float32, in display orientation when ``reorient``."""
-    import nibabel as nib
-    from nibabel import orientations
-
-    try:
-        image = nib.load(path)
-        if reorient:
-            current = orientations.io_orientation(image.affine)
-            target = orientations.axcodes2ornt(DISPLAY_AXCODES)
-            image = image.as_reoriented(orientations.ornt_transform(current, target))
-        data = image.get_fdata(dtype=np.float32)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
-        raise SeriesError(f"cannot read NIfTI volume {path} ({type(exc).__name__}: {exc})") from exc
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3 or min(data.shape) == 0:
-        raise SeriesError(f"{path}: NIfTI volume has shape {data.shape}; expected three non-empty axes")
-    if not np.isfinite(data).all():
-        raise SeriesError(f"{path}: NIfTI volume holds NaN or infinite values")
-    return np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) = (W, H, D) -> (D, H, W)
-
-
-def crop_and_resize(volume: np.ndarray, shape: Sequence[int], where: object) -> np.ndarray:
-    """Crop ``(D, H, W)`` to the box of voxels > 0, resize trilinearly to ``shape`` (SPEC §6)."""
-    import torch
-    from monai.transforms import CropForeground, Resize
-
-    if not (volume > 0).any():
-        raise SeriesError(f"{where}: no voxel above the lowest intensity; nothing to crop to")
-    cropped = CropForeground(margin=0)(volume[np.newaxis])
-    resized = Resize(spatial_size=tuple(shape), mode="trilinear")(cropped)
-    # Trilinear weights are convex, so only float rounding can leave [0, 1].
-    return np.clip(torch.as_tensor(resized).numpy()[0], 0.0, 1.0).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------------------------
 # Cases
 # ----------------------------------------------------------------------------------------------
@@ -388,10 +350,18 @@ def crop_and_resize(volume: np.ndarray, shape: Sequence[int], where: object) -> 
 
 @dataclass(frozen=True)
 class SeriesSource:
-    raw_name: str  # as on disk
+    raw_name: str  # as on disk (DICOM: "<SeriesNumber>_<SeriesDescription>")
     name: str  # ASCII, unique within the case
-    path: Path  # slice folder or NIfTI file
-    kind: str  # "slices" or "nifti"
+    path: Path  # slice folder, NIfTI file, or the study folder holding a DICOM series
+    kind: str  # "slices", "nifti" or "dicom"
+    series_uid: str | None = None  # DICOM: which series of the study folder
+    rescale: tuple[float, float] | None = None  # CT-RATE: (slope, intercept) of its metadata, for stored values
+    storage: str | None = None  # CT-RATE: "auto", "stored" or "hu" (med3dvlm.data.ct_rate.STORAGE_MODES)
+
+    def record(self) -> list:
+        """What the manifest records of this series, so a changed one is redone."""
+        extra = [self.series_uid, None if self.rescale is None else list(self.rescale), self.storage]
+        return [self.raw_name, self.kind] + [value for value in extra if value is not None]
 
 
 @dataclass(frozen=True)
@@ -405,6 +375,8 @@ class CaseJob:
     out_root: Path
     settings: PrepareSettings
     notes: tuple[str, ...] = ()
+    report_text: str | None = None  # from the reports CSV, instead of the report file
+
 
     @property
     def out_dir(self) -> Path:
@@ -412,10 +384,11 @@ class CaseJob:
 
     def sources(self) -> dict[str, Any]:
         """What the manifest records of the input, so a changed raw case is redone."""
-        return {
-            "report": self.report.name if self.report.is_file() else None,
-            "series": [[s.raw_name, s.kind] for s in self.series],
-        }
+        if self.report_text is not None:
+            report = "csv:" + hashlib.sha256(self.report_text.encode("utf-8")).hexdigest()[:16]
+        else:
+            report = self.report.name if self.report.is_file() else None
+        return {"report": report, "series": [s.record() for s in self.series]}
 
     def volume_path(self, series: str, volume_format: str) -> str:
         """Relative path of a series' volume in ``volume_format``."""
@@ -445,9 +418,11 @@ def _nifti_stem(name: str) -> str | None:
 
 
 def find_cases(
-    raw_dir: Path, out_root: Path, settings: PrepareSettings
+    raw_dir: Path, out_root: Path, settings: PrepareSettings, reports: Mapping[str, str] | None = None
 ) -> tuple[list[CaseJob], list[CaseResult], list[str]]:
-    """Every case under ``raw_dir``; cases that cannot be prepared (failed); entries ignored, with why."""
+    """Every case under ``raw_dir``; cases that cannot be prepared (failed); entries ignored, with why.
+
+    ``reports``: case folder name -> report text (a reports CSV), used instead of the report file."""
     entries = sorted(entry for entry in raw_dir.iterdir() if not entry.name.startswith("."))
     stems = {entry.name: _nifti_stem(entry.name) for entry in entries if entry.is_file()}
     loose_volumes = {name: stem for name, stem in stems.items() if stem}
@@ -469,7 +444,14 @@ def find_cases(
             continue
         owner[key] = entry
         if entry.is_dir():
-            jobs.append(_folder_case(entry, key, out_root, settings))
+            try:
+                job = _folder_case(entry, key, out_root, settings)
+            except DataError as exc:  # e.g. an unreadable DICOM file met while listing the series
+                failed.append(CaseResult(key, "failed", str(exc)))
+                continue
+            if reports is not None and entry.name in reports:
+                job = dataclasses.replace(job, report_text=reports[entry.name])
+            jobs.append(job)
         else:
             series = (SeriesSource(raw_id, ascii_name(raw_id).strip(".") or "volume", entry, "nifti"),)
             jobs.append(CaseJob(key, entry, raw_dir / f"{raw_id}.txt", series, out_root, settings))
@@ -477,21 +459,64 @@ def find_cases(
 
 
 def _folder_case(folder: Path, key: str, out_root: Path, settings: PrepareSettings) -> CaseJob:
+    """A case folder: slice folders and NIfTI files are series; a study of DICOM files (loose or in
+    sub-folders, any names) gives one series per DICOM image series."""
     report = folder / settings.report_file
-    sources: list[tuple[str, Path, str]] = []
+    sources: list[tuple[str, Path, str, str | None]] = []
     notes = []
+    dicom_study = False
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(".") or entry == report:
             continue
-        if entry.is_dir():
-            sources.append((entry.name, entry, "slices"))
+        if entry.is_dir() and (_holds_slices(entry) or not _holds_dicom(entry)):
+            sources.append((entry.name, entry, "slices", None))  # an empty folder fails as a slice series
+        elif entry.is_dir() or _is_dicom_file(entry):
+            dicom_study = True
         elif _nifti_stem(entry.name):
-            sources.append((_nifti_stem(entry.name), entry, "nifti"))
+            sources.append((_nifti_stem(entry.name), entry, "nifti", None))
         else:
-            notes.append(f"{entry}: ignored (neither a series folder, a NIfTI volume nor {settings.report_file})")
-    names = _unique_names([raw for raw, _, _ in sources], fallback="series")
-    series = tuple(SeriesSource(raw, name, path, kind) for (raw, path, kind), name in zip(sources, names))
+            notes.append(f"{entry}: ignored (neither a series folder, a NIfTI volume, DICOM nor {settings.report_file})")
+    if dicom_study:
+        for info in list_series(folder, exclude=[path for _, path, kind, _ in sources if kind != "dicom"]):
+            raw_name = "_".join(part for part in (info.number, info.description) if part) or "series"
+            sources.append((raw_name, folder, "dicom", info.uid))
+    names = _unique_names([raw for raw, _, _, _ in sources], fallback="series")
+    series = tuple(SeriesSource(raw, name, path, kind, uid) for (raw, path, kind, uid), name in zip(sources, names))
     return CaseJob(key, folder, report, series, out_root, settings, tuple(notes))
+
+
+def _holds_slices(folder: Path) -> bool:
+    return any(p.suffix.lower() in SLICE_SUFFIXES for p in folder.iterdir() if p.is_file())
+
+
+def _holds_dicom(folder: Path) -> bool:
+    return any(_is_dicom_file(p) for p in folder.rglob("*") if p.is_file())
+
+
+def _is_dicom_file(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
+def read_reports_csv(path: str | os.PathLike) -> dict[str, str]:
+    """``case,report`` CSV -> {case folder name: report}; an error names the file and row."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PreparationError(f"reports_csv {path}: cannot read ({exc})") from exc
+    rows = csv.DictReader(io.StringIO(text))
+    if not rows.fieldnames or not {"case", "report"} <= set(rows.fieldnames):
+        raise PreparationError(f"reports_csv {path}: needs the columns case,report; found {rows.fieldnames}")
+    reports: dict[str, str] = {}
+    for number, row in enumerate(rows, start=2):  # row 1 is the header
+        case, report = (row.get("case") or "").strip(), fold_newlines(row.get("report") or "")
+        if not case or not report:
+            raise PreparationError(f"reports_csv {path} row {number}: empty {'case' if not case else 'report'}")
+        if case in reports:
+            raise PreparationError(f"reports_csv {path} row {number}: case {case!r} is listed twice")
+        reports[case] = report
+    return reports
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -536,14 +561,14 @@ def _prepare_case(job: CaseJob) -> CaseResult:
     (job.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     report = _case_report(job)
     if not job.series:
-        raise CaseError(f"{job.source}: no series (no slice folder and no NIfTI volume)")
+        raise CaseError(f"{job.source}: no series (no slice folder, no NIfTI volume, no DICOM series)")
     remove_temporary_files(job.out_dir)
     problems, notes, written = [], list(job.notes), []
     for series in job.series:
         where = f"{job.source}: series {series.raw_name!r}"
         try:
             volume, note = _series_volume(series, settings, where)
-        except SeriesError as exc:
+        except DataError as exc:  # SeriesError, PreprocessingError, an unreadable or refused volume
             problems.append(f"series {series.raw_name!r} left out: {exc}")
             continue
         if note:
@@ -576,6 +601,8 @@ def _prepare_case(job: CaseJob) -> CaseResult:
 
 
 def _case_report(job: CaseJob) -> str | None:
+    if job.report_text is not None:
+        return job.report_text
     if not job.report.is_file():
         if job.settings.require_report:
             raise CaseError(f"{job.source}: no report file {job.report} (require_report=false: volumes alone)")
@@ -591,39 +618,23 @@ def _case_report(job: CaseJob) -> str | None:
 
 
 def _series_volume(series: SeriesSource, settings: PrepareSettings, where: str) -> tuple[np.ndarray, str | None]:
+    """The prepared ``(D, H, W)`` volume of one series: read, then the one preprocessing (see
+    ``med3dvlm.data.preprocessing``) that inference applies too."""
     note = None
     if series.kind == "slices":
         volume, note = stack_slices(numbered_slices(series.path))
-        volume = scale_min_max(volume, where)
+    elif series.kind == "ct_rate":
+        from med3dvlm.data.ct_rate import read_ct_rate_volume
+
+        volume, note = read_ct_rate_volume(series.path, series.rescale, series.storage or "auto", settings.reorient)
     else:
-        volume = read_nifti_series(series.path, settings.reorient)
-        if settings.hu_window is None:
-            volume = scale_min_max(volume, where)
-        else:
-            volume = scale_hu_window(volume, settings.hu_window)
-    return crop_and_resize(volume, settings.shape, where), note
+        volume = load_ct(series.path, series=series.series_uid, reorient=settings.reorient).volume
+    return settings.preprocessing(series.kind).apply(volume, where), note
 
 
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
-
-_TEMPORARY_MARK = ".tmp"
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}{_TEMPORARY_MARK}")
-    try:
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
 
 def _json_bytes(content: object) -> bytes:
     return (json.dumps(content, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
@@ -633,7 +644,7 @@ def remove_temporary_files(folder: Path) -> int:
     """Delete what a killed run left under temporary names (``.<name>.<hex>.tmp*``) in ``folder``."""
     if not folder.is_dir():
         return 0
-    leftovers = [p for p in folder.rglob(".*") if p.is_file() and _TEMPORARY_MARK in p.name]
+    leftovers = [p for p in folder.rglob(".*") if p.is_file() and TEMPORARY_MARK in p.name]
     for path in leftovers:
         path.unlink(missing_ok=True)
     return len(leftovers)
@@ -894,7 +905,9 @@ class Summary:
         notes += [f"  {n}" for n in self.notes]
         if notes:
             lines.append(f"notes ({len(notes)}):")
-            lines += notes
+            lines += notes[:MAX_NOTES_PRINTED]
+            if len(notes) > MAX_NOTES_PRINTED:
+                lines.append(f"  ... and {len(notes) - MAX_NOTES_PRINTED} more (all in the summary file)")
         lines += self.outputs
         return "\n".join(lines)
 
@@ -924,9 +937,35 @@ def prepare_dataset(
     workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    reports_csv: str | os.PathLike | None = None,
 ) -> Summary:
-    """Prepare every case of ``raw_dir`` into ``out_dir`` (module docstring); resumable."""
+    """Prepare every case of ``raw_dir`` into ``out_dir`` (module docstring); resumable.
+
+    ``reports_csv``: a ``case,report`` CSV giving the report of each case folder (else its report file)."""
     start = time.perf_counter()
+    raw_dir, out_root = check_folders(raw_dir, out_dir, settings, overwrite)
+    if split.file:
+        read_split_file(split.file)  # a bad split file fails before hours of work
+    reports = read_reports_csv(reports_csv) if reports_csv else None
+    jobs, failed, ignored = find_cases(raw_dir, out_root, settings, reports)
+    if not jobs and not failed:
+        raise PreparationError(f"raw_dir {raw_dir} holds no case folder and no NIfTI volume")
+    summary = Summary(f"prepare {raw_dir} -> {out_root}", results=list(failed), notes=ignored)
+    if reports is not None:
+        unused = sorted(set(reports) - {job.source.name for job in jobs})
+        if unused:
+            summary.notes.append(f"reports_csv: {len(unused)} case(s) without a folder in raw_dir, e.g. {unused[0]!r}")
+    run_cases(jobs, out_root, settings, split, summary, workers, progress)
+    if vqa_dir is not None:
+        written, problems, notes = rewrite_vqa_csvs(Path(vqa_dir), out_root, settings.formats[0])
+        summary.outputs += written + notes
+        summary.problems += problems
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def check_folders(raw_dir, out_dir, settings: PrepareSettings, overwrite: bool) -> tuple[Path, Path]:
+    """``raw_dir`` must exist, ``out_dir`` must not lie inside it and must be ours (or ``overwrite``)."""
     raw_dir, out_root = Path(raw_dir), Path(out_dir)
     if not raw_dir.is_dir():
         raise PreparationError(f"raw_dir {raw_dir} is not a folder")
@@ -938,12 +977,20 @@ def prepare_dataset(
             f"(and not the folder above it when cases_dir={settings.cases_dir} is its name)"
         )
     _claim_output(out_root, overwrite)
-    if split.file:
-        read_split_file(split.file)  # a bad split file fails before hours of work
-    jobs, failed, ignored = find_cases(raw_dir, out_root, settings)
-    if not jobs and not failed:
-        raise PreparationError(f"raw_dir {raw_dir} holds no case folder and no NIfTI volume")
-    summary = Summary(f"prepare {raw_dir} -> {out_root}", results=list(failed), notes=ignored)
+    return raw_dir, out_root
+
+
+def run_cases(
+    jobs: Sequence[CaseJob],
+    out_root: Path,
+    settings: PrepareSettings,
+    split: SplitRule,
+    summary: Summary,
+    workers: int | None,
+    progress: bool,
+) -> None:
+    """Prepare the ``jobs`` not done before (in parallel), then write the preprocessing record and
+    ``M3D_Cap.json``; everything goes into ``summary``."""
     todo = []
     for job in jobs:
         manifest = is_prepared(job)
@@ -960,17 +1007,22 @@ def prepare_dataset(
 
     workers = available_cores() if workers is None else max(1, int(workers))
     summary.results += run_jobs(prepare_case, todo, crashed, workers, progress, "prepare")
+    record = _record_preprocessing(out_root, settings, jobs)
+    summary.outputs.append(f"{out_root / 'preprocessing.json'}: {record.describe()} (applied to raw input at inference)")
     counts, problems, without_report = write_cap_json(out_root, split)
     summary.problems += problems
     listed = ", ".join(f"{name} {count}" for name, count in counts.items())
     unpaired = f" ({without_report} cases without a report not listed)" if without_report else ""
     summary.outputs.append(f"{out_root / layout.CAP_JSON}: {listed} entries{unpaired}")
-    if vqa_dir is not None:
-        written, problems, notes = rewrite_vqa_csvs(Path(vqa_dir), out_root, settings.formats[0])
-        summary.outputs += written + notes
-        summary.problems += problems
-    summary.seconds = time.perf_counter() - start
-    return summary
+
+
+def _record_preprocessing(out_root: Path, settings: PrepareSettings, jobs: Sequence[CaseJob]) -> Preprocessing:
+    """The root's record of what raw CT went through: the CT preprocessing when any series is CT (NIfTI
+    or DICOM), else the slices' min-max one. A model trained here applies it to raw input."""
+    kinds = {series.kind for job in jobs for series in job.series}
+    record = settings.preprocessing("slices" if kinds == {"slices"} else "nifti")
+    write_preprocessing(out_root, record)
+    return record
 
 
 def convert_dataset(
@@ -1037,6 +1089,8 @@ def run_from_config(cfg: Mapping[str, Any]) -> Summary:
         if cfg.get("raw_dir"):
             raise PreparationError("give either raw_dir=... out_dir=... or convert=..., not both")
         summary = convert_dataset(cfg["convert"], formats, cfg.get("fast_encoding", "uint8"), **common)
+    elif cfg.get("source", "folders") not in PREPARE_SOURCES:
+        raise PreparationError(f"source must be one of {PREPARE_SOURCES}, got {cfg.get('source')!r}")
     else:
         if not cfg.get("raw_dir") or not cfg.get("out_dir"):
             raise PreparationError(
@@ -1054,6 +1108,21 @@ def run_from_config(cfg: Mapping[str, Any]) -> Summary:
             report_file=cfg.get("report_file", "text.txt"),
             require_report=bool(cfg.get("require_report", True)),
         )
+        if cfg.get("source") == "ct_rate":
+            from med3dvlm.data.prepare_ct_rate import prepare_ct_rate
+
+            options = cfg.get("ct_rate") or {}
+            if options.get("hu_window") is not None:
+                settings = dataclasses.replace(settings, hu_window=tuple(options["hu_window"]))
+            summary = prepare_ct_rate(
+                cfg["raw_dir"], cfg["out_dir"], settings, rad3d_dir=cfg.get("rad3d_dir"),
+                test_fraction=float(options.get("test_fraction", 0.5)), seed=int(options.get("seed", 0)),
+                storage=str(options.get("storage", "auto")), overwrite=bool(cfg.get("overwrite")), **common,
+            )
+            print(summary.text())
+            if cfg.get("summary_file"):
+                write_atomic(Path(cfg["summary_file"]), _json_bytes(summary.to_json()))
+            return summary
         split_cfg = cfg.get("split") or {}
         split = SplitRule(
             fractions=tuple(split_cfg.get("fractions") or DEFAULT_SPLIT_FRACTIONS),
@@ -1062,7 +1131,7 @@ def run_from_config(cfg: Mapping[str, Any]) -> Summary:
         )
         summary = prepare_dataset(
             cfg["raw_dir"], cfg["out_dir"], settings, split, cfg.get("vqa_dir"), overwrite=bool(cfg.get("overwrite")),
-            **common,
+            reports_csv=cfg.get("reports_csv"), **common,
         )
     print(summary.text())
     if cfg.get("summary_file"):

@@ -22,5 +22,7 @@ class Sample:
     answer: str
     task: str
     source: str
-    question_type: str | None = None
+    question_type: str | None = None  # M3D-VQA's type (Plane ..), or 3D-RAD's task
     answer_choice: str | None = None
+    aspect: str | None = None  # 3D-RAD's QuestionAspect
+    choices: tuple[tuple[str, str], ...] | None = None  # closed questions: (letter, text) pairs, when known

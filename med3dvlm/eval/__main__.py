@@ -1,4 +1,4 @@
 from med3dvlm.eval.app import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

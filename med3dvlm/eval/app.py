@@ -5,6 +5,8 @@ the checkpoint alone; ``data_root=`` points the evaluation at another dataset in
 ``eval=retrieval released_clip_dir=DIR data_root=ROOT`` evaluates a released DCFormer_SigLIP folder.
 ``eval=caption|vqa_closed|vqa_open|all model_dir=DIR data_root=ROOT`` generates with an exported VLM
 and scores with the SPEC §7 metrics; ``eval=score predictions=PATH`` scores an existing file.
+``eval=zero_shot ckpt_path=PATH|model_dir=DIR [data_root=ROOT]`` classifies CT-RATE's abnormalities
+with a stage-1 model (CT-CLIP's protocol).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from med3dvlm.cli import reporting_mistakes, reports_mistakes
 from med3dvlm.resolvers import register_resolvers
 
 log = logging.getLogger(__name__)
@@ -156,12 +159,66 @@ def evaluate_generation(cfg: DictConfig) -> dict[str, Any]:
         dtype=cfg.dtype,
         device=_device(cfg.accelerator),
         seed=cfg.seed,
+        seeds=list(cfg.seeds) if cfg.get("seeds") is not None else None,
     )
     if with_retrieval:
         summaries["retrieval"] = evaluate_retrieval(cfg)
     elif cfg.eval.name == "all":
         log.info("retrieval skipped: give ckpt_path= (a stage-1 checkpoint) or released_clip_dir= to include it")
     return summaries
+
+
+def evaluate_zero_shot(cfg: DictConfig) -> dict[str, Any]:
+    """``eval=zero_shot ckpt_path=STAGE1_CKPT [data_root=DIR]`` or ``model_dir=STAGE1_EXPORT data_root=DIR``:
+    CT-CLIP's zero-shot abnormality classification (:mod:`med3dvlm.eval.zero_shot`) on the CT-RATE
+    labels of ``eval.split``; the checkpoint's own data root unless ``data_root=`` is given."""
+    from med3dvlm.api import load_model
+    from med3dvlm.data.ct_rate import ABNORMALITY_LABELS
+    from med3dvlm.eval.zero_shot import run_zero_shot
+    from med3dvlm.export import checkpoint_stage, read_checkpoint
+
+    model_dir = cfg.get("model_dir")
+    ckpt_path = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.get("ckpt_path")
+    if bool(model_dir) == bool(ckpt_path):
+        raise ValueError(
+            "eval=zero_shot takes one stage-1 (SigLIP/CLIP) model: ckpt_path=<stage-1 checkpoint> or "
+            f"model_dir=<stage-1 export folder>{', not both' if model_dir else ''}"
+        )
+    data_root = cfg.get("data_root")
+    if ckpt_path:
+        run_cfg, _ = read_checkpoint(ckpt_path)
+        if checkpoint_stage(run_cfg) != "contrastive":
+            raise ValueError(
+                f"{ckpt_path} is a stage-2/3 (VLM) checkpoint; eval=zero_shot needs a stage-1 (SigLIP/CLIP) one"
+            )
+        data_root = data_root or run_cfg.data.datamodule.get("root")
+        source = {"ckpt_path": str(ckpt_path)}
+    else:
+        source = {"model_dir": str(model_dir)}
+    if not data_root:
+        raise ValueError(
+            "eval=zero_shot needs data_root=DIR: a root prepared by `python -m med3dvlm.prepare source=ct_rate`"
+        )
+    model = load_model(ckpt_path or model_dir, device=_device(cfg.accelerator), dtype=cfg.dtype)
+    if model.kind != "retrieval":
+        raise ValueError(
+            f"{model_dir} is a VLM (stages 2-3); eval=zero_shot needs a stage-1 (SigLIP/CLIP) export folder"
+        )
+    settings = cfg.eval
+    return run_zero_shot(
+        model,
+        data_root,
+        cfg.paths.output_dir,
+        split=settings.split,
+        labels=list(settings.labels) if settings.get("labels") is not None else ABNORMALITY_LABELS,
+        limit=settings.get("limit"),
+        batch_size=cfg.get("batch_size") or settings.batch_size,
+        num_workers=settings.num_workers,
+        logit_scale=settings.logit_scale,
+        threshold=settings.threshold,
+        templates=(settings.positive_prompt, settings.negative_prompt),
+        source=source,
+    )
 
 
 SUITES = {
@@ -171,6 +228,7 @@ SUITES = {
     "vqa_closed": evaluate_generation,
     "vqa_open": evaluate_generation,
     "all": evaluate_generation,
+    "zero_shot": evaluate_zero_shot,
 }
 
 
@@ -178,9 +236,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     name = cfg.eval.name
     if name not in SUITES:
         raise ValueError(f"unknown eval suite {name!r}; available: {', '.join(SUITES)}")
+    if cfg.get("seeds") is not None and SUITES[name] is not evaluate_generation:
+        raise ValueError(
+            f"seeds=[...] repeats sampled generation (eval=caption|vqa_closed|vqa_open|all), not eval={name}"
+        )
     return SUITES[name](cfg)
 
 
+@reports_mistakes("med3dvlm.eval")
 @hydra.main(version_base="1.3", config_path="pkg://med3dvlm.configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with reporting_mistakes():
+        evaluate(cfg)

@@ -6,9 +6,13 @@ are answered in batches (greedy with the KV cache by default) and appended to
 folder generates only what is missing. The rows are then scored exactly as ``eval=score`` scores
 a file (:mod:`med3dvlm.eval.scoring`), and the summary also records the generation throughput.
 
+``seeds=[...]`` repeats sampled generation once per seed and reports mean ± std over them
+(:mod:`med3dvlm.eval.seeds`).
+
 What the model must offer (``Med3DVLM``): ``image_size`` (D, H, W), an ``image_encoder`` whose
 parameters give the volumes' device and dtype, and
-``answer(images (B, 1, D, H, W), questions: list[str], **generate_options) -> list[str]``.
+``answer(images (B, 1, D, H, W), questions: list[str], tasks: list[str], **generate_options) -> list[str]``
+(``tasks``: each question's task, ``caption`` / ``vqa_closed`` / ...).
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from med3dvlm.data import layout
 from med3dvlm.data.samples import Sample
 from med3dvlm.eval.predictions import PredictionWriter
 from med3dvlm.eval.scoring import format_summary_table, score_predictions, write_scored_outputs
+from med3dvlm.eval.seeds import (
+    aggregate_seed_summaries,
+    check_seeds,
+    format_seed_table,
+    seed_folder,
+    write_seed_summary,
+)
 from med3dvlm.eval.text_metrics import TextMetrics
 
 log = logging.getLogger(__name__)
@@ -98,9 +109,11 @@ def prediction_row(sample: Sample, prediction: str, data_root: Path) -> dict[str
     row.update(prediction=prediction, reference=sample.answer)
     if sample.question_type is not None:
         row["question_type"] = sample.question_type
+    if sample.aspect is not None:
+        row["question_aspect"] = sample.aspect
     if sample.answer_choice is not None:
         row["answer_choice"] = sample.answer_choice
-        choices = choices_from_prompt(sample.prompt)
+        choices = dict(sample.choices) if sample.choices else choices_from_prompt(sample.prompt)
         if choices:
             row["choices"] = choices
     return row
@@ -158,7 +171,10 @@ def generate_predictions(
     for indices, volumes in tqdm(loader, desc="generating", unit="batch", disable=None):
         batch = [pending[i] for i in indices]
         answers = model.answer(
-            volumes.to(parameter.device, parameter.dtype), [s.prompt for s in batch], **generation.options()
+            volumes.to(parameter.device, parameter.dtype),
+            [s.prompt for s in batch],
+            tasks=[s.task for s in batch],  # a released-splice model writes VQA prompts the released way
+            **generation.options(),
         )
         writer.write(prediction_row(sample, answer, data_root) for sample, answer in zip(batch, answers))
     seconds = time.perf_counter() - start
@@ -224,16 +240,21 @@ def format_throughput(summary: Mapping[str, Any]) -> str:
 
 
 def plans_from_config(eval_cfg: Mapping[str, Any]) -> list[TaskPlan]:
-    """Task plans of an ``eval`` config: one task (caption, vqa_*) or ``tasks`` of ``eval=all``."""
+    """Task plans of an ``eval`` config: one task (caption, vqa_*) or ``tasks`` of ``eval=all``.
+
+    In ``eval=all`` each task has its own length unless the generation preset sets one for every
+    task (``eval/generation=paper``: the released scripts' 256).
+    """
     base = dict(eval_cfg["generation"])
     if "tasks" in eval_cfg:
+        shared_length = base.pop("max_new_tokens", None)
         return [
             TaskPlan(
                 task,
                 eval_cfg["split"],
                 options["limit"],
                 options["batch_size"],
-                GenerationSettings(**(base | {"max_new_tokens": options["max_new_tokens"]})),
+                GenerationSettings(**(base | {"max_new_tokens": shared_length or options["max_new_tokens"]})),
                 eval_cfg["num_workers"],
             )
             for task, options in eval_cfg["tasks"].items()
@@ -269,8 +290,13 @@ def evaluate_tasks(
     dtype: str | None = None,
     device: str = "cpu",
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Load the VLM once, run every planned task, print each table; summaries by task."""
+    """Load the VLM once, run every planned task, print each table; summaries by task.
+
+    ``seeds``: run every task once per seed (sampling only), each in ``seed_<n>/`` of ``output_dir``,
+    then write and print the mean ± std over the seeds (:mod:`med3dvlm.eval.seeds`), returned by task.
+    """
     if not data_root:
         raise ValueError(
             "this suite needs data_root=DIR, a data root in the M3D layout (the exported model records no data), "
@@ -279,11 +305,18 @@ def evaluate_tasks(
     if not model_dir:
         raise ValueError("this suite needs the VLM: model_dir=DIR, a folder written by Med3DVLM.save_pretrained")
     data_root, output_dir = Path(data_root), Path(output_dir)
+    if seeds is not None:
+        seeds = check_seeds(seeds, sampling=all(plan.generation.do_sample for plan in plans))
+    runs = [(seed, output_dir)] if seeds is None else [(s, seed_folder(output_dir, s)) for s in seeds]
     fingerprint = {"model_dir": str(Path(model_dir).resolve()), "dtype": dtype}
-    # Data and resume problems surface before a large model is loaded.
-    prepared = [prepare_task(plan, fingerprint, data_root, output_dir) for plan in plans]
-    model = load_vlm(model_dir, dtype, device)
-    summaries = {}
+    # Data and resume problems surface before a large model is loaded. A sampled run's seed is part
+    # of what made its predictions, so resuming with another seed is refused.
+    prepared = []
+    for run_seed, run_dir in runs:
+        for plan in plans:
+            task_fingerprint = fingerprint | ({"seed": run_seed} if plan.generation.do_sample else {})
+            task = prepare_task(plan, task_fingerprint, data_root, run_dir)
+            prepared.append((run_seed, run_dir, task_fingerprint, task))
     metrics: list[TextMetrics] = []
 
     def shared_metrics() -> TextMetrics:  # built once, for caption and open VQA alike
@@ -291,10 +324,24 @@ def evaluate_tasks(
             metrics.append(make_metrics())
         return metrics[0]
 
-    for task in prepared:
-        torch.manual_seed(seed)  # sampling reproducible per task
-        summary = run_task(model, fingerprint, task, data_root, output_dir, shared_metrics)
-        print(format_summary_table(summary))
+    if any(plan.task != "vqa_closed" for plan in plans):
+        shared_metrics()  # a missing metric model (e.g. BERTScore's) fails now, not after generating
+    model = load_vlm(model_dir, dtype, device)
+    summaries = {}
+
+    by_seed: dict[str, dict[int, dict[str, Any]]] = {}
+    for run_seed, run_dir, task_fingerprint, task in prepared:
+        torch.manual_seed(run_seed)  # sampling reproducible per task
+        summary = run_task(model, task_fingerprint, task, data_root, run_dir, shared_metrics)
+        print((f"Seed {run_seed}: " if seeds is not None else "") + format_summary_table(summary))
         print(f"Generation: {format_throughput(summary)}\n")
         summaries[task.plan.task] = summary
-    return summaries
+        by_seed.setdefault(task.plan.task, {})[run_seed] = summary
+    if seeds is None:
+        return summaries
+    aggregated = {}
+    for task_name, summaries_by_seed in by_seed.items():
+        aggregated[task_name] = aggregate_seed_summaries(summaries_by_seed)
+        write_seed_summary(output_dir, aggregated[task_name])
+        print(format_seed_table(aggregated[task_name]) + "\n")
+    return aggregated

@@ -72,6 +72,12 @@ def score_predictions(
             name: _mean_scores([s for s, row in zip(averaged, rows) if row["question_type"] == name], keys)
             for name in types
         }
+        aspects = sorted({row["question_aspect"] for row in rows if row.get("question_aspect")})
+        if aspects:  # 3D-RAD: a second table by QuestionAspect
+            summary["by_question_aspect"] = {
+                name: _mean_scores([s for s, row in zip(averaged, rows) if row.get("question_aspect") == name], keys)
+                for name in aspects
+            }
     summary["settings"] = settings
     summary["notes"] = notes
     return per_sample, summary
@@ -100,6 +106,9 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
     else:
         lines += [table_row(name, values) for name, values in summary["by_question_type"].items()]
         lines.append(table_row("Overall", summary["overall"]))
+        if summary.get("by_question_aspect"):
+            lines += ["", "| " + " | ".join(["question aspect", *header[1:]]) + " |", lines[3]]
+            lines += [table_row(name, values) for name, values in summary["by_question_aspect"].items()]
     lines += [f"\nNote: {note}" for note in summary.get("notes", [])]
     return "\n".join(lines)
 

