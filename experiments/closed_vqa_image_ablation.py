@@ -40,12 +40,11 @@ def ablation(
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict:
-    """``{"own": results, "swapped": results}``, each as ``med3dvlm.stages.vlm.closed_vqa_accuracy``
+    """``{"own": results, "swapped": results}``, each as ``med3dvlm.metrics.vqa.closed_vqa_accuracy``
     gives it; ``answer(images, questions)`` answers a batch, ``load(path)`` reads one volume."""
     from tqdm.auto import tqdm
 
-    from med3dvlm.eval.vqa_rules import closed_answer_is_correct
-    from med3dvlm.stages.vlm import closed_vqa_accuracy
+    from med3dvlm.metrics.vqa import closed_answer_is_correct, closed_vqa_accuracy
 
     partner = swap_partners([s.image_path for s in samples])
     cache: dict[Path, torch.Tensor] = {}

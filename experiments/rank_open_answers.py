@@ -50,7 +50,7 @@ def rank_open_answers(vlm, samples: Sequence, load, progress: bool = True) -> di
     """Accuracy per question type and overall (``closed_vqa_accuracy``'s layout) of the top-ranked text."""
     from tqdm.auto import tqdm
 
-    from med3dvlm.stages.vlm import closed_vqa_accuracy
+    from med3dvlm.metrics.vqa import closed_vqa_accuracy
 
     records = []
     for sample in tqdm(samples, desc="questions", unit="q", disable=not progress):

@@ -362,7 +362,7 @@ def load_model(
 
 
 def _load_checkpoint(path: Path) -> Model:
-    from med3dvlm.export import ContrastiveCheckpoint, load_checkpoint_model
+    from med3dvlm.checkpoints import ContrastiveCheckpoint, load_checkpoint_model
 
     loaded, preprocessing = load_checkpoint_model(path)
     if isinstance(loaded, ContrastiveCheckpoint):

@@ -3,7 +3,8 @@
     python -m med3dvlm.export <run>/checkpoints/last.ckpt <output dir>
 
 The checkpoint records its run config, so the model is rebuilt from it (the hand-off folders it
-was started from are not needed: the checkpoint holds every weight). The stage is detected:
+was started from are not needed: the checkpoint holds every weight; :mod:`med3dvlm.checkpoints`
+reads and rebuilds it). The stage is detected:
 
 * stage 2/3 (VLM): the LoRA updates are merged into the base weights and
   :meth:`Med3DVLM.save_pretrained` writes the folder that ``Med3DVLM.from_pretrained(dir)`` loads;
@@ -19,128 +20,13 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from med3dvlm.checkpoints import ContrastiveCheckpoint, load_checkpoint_model
 from med3dvlm.cli import reports_mistakes
 
 log = logging.getLogger(__name__)
-
-
-VLM_STAGE_TARGET = "med3dvlm.stages.vlm.VLMStage"
-CONTRASTIVE_STAGE_TARGET = "med3dvlm.stages.contrastive.ContrastiveModule"
-
-
-def read_checkpoint(ckpt_path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """``(run config, checkpoint)`` of a checkpoint written by ``python -m med3dvlm.train``, read
-    without running anything in it (:mod:`med3dvlm.checkpoint_io`)."""
-    from omegaconf import OmegaConf
-
-    from med3dvlm.checkpoint_io import load_checkpoint, stored_run_config
-    from med3dvlm.resolvers import register_resolvers
-
-    register_resolvers()
-    checkpoint = load_checkpoint(ckpt_path)
-    return OmegaConf.create(stored_run_config(checkpoint, ckpt_path)), checkpoint
-
-
-def checkpoint_stage(cfg: Any) -> str:
-    """``"vlm"`` or ``"contrastive"``: which stage's LightningModule a run config builds."""
-    target = cfg.model.get("_target_")
-    stages = {VLM_STAGE_TARGET: "vlm", CONTRASTIVE_STAGE_TARGET: "contrastive"}
-    if target not in stages:
-        raise ValueError(f"a checkpoint of {target} cannot be exported: expected a stage-1 or stage-2/3 run")
-    return stages[target]
-
-
-def _instantiate_from_checkpoint(cfg: Any, checkpoint: dict[str, Any]):
-    import hydra
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        # every weight comes from the checkpoint: do not read (possibly moved) hand-off folders
-        if "projector_path" in cfg.model:
-            cfg.model.projector_path = None
-        cfg.model.model.image_encoder.pretrained = None
-    module = hydra.utils.instantiate(cfg.model)
-    module.load_state_dict(checkpoint["state_dict"], strict=True)
-    return module
-
-
-def load_stage_checkpoint(ckpt_path: str | os.PathLike):
-    """The ``VLMStage`` of a stage-2/3 checkpoint written by ``python -m med3dvlm.train``, weights loaded."""
-    cfg, checkpoint = read_checkpoint(ckpt_path)
-    if cfg.model.get("_target_") != VLM_STAGE_TARGET:
-        raise ValueError(f"{ckpt_path} is a {cfg.model.get('_target_')} checkpoint, not a stage-2/3 (VLM) one")
-    return _instantiate_from_checkpoint(cfg, checkpoint)
-
-
-def load_checkpoint_model(ckpt_path: str | os.PathLike):
-    """The trained model of any stage's checkpoint, read once: ``(VLMStage, preprocessing)`` for
-    stages 2-3, ``(ContrastiveCheckpoint, preprocessing)`` for stage 1; ``preprocessing`` is what
-    the training data had (:func:`training_preprocessing`)."""
-    cfg, checkpoint = read_checkpoint(ckpt_path)
-    if checkpoint_stage(cfg) == "vlm":
-        return _instantiate_from_checkpoint(cfg, checkpoint), training_preprocessing(cfg)
-    return _contrastive_from_checkpoint(cfg, checkpoint), training_preprocessing(cfg)
-
-
-def training_preprocessing(cfg: Any):
-    """The :class:`~med3dvlm.data.preprocessing.Preprocessing` a run's data had (``data.preprocessing``,
-    recorded by ``train`` from the data root), else the data root's record if it is still there, else None."""
-    from omegaconf import OmegaConf
-
-    from med3dvlm.data.preprocessing import Preprocessing, read_preprocessing
-
-    record = cfg.data.get("preprocessing")
-    if record is not None:
-        return Preprocessing.from_dict(OmegaConf.to_container(record, resolve=True), where="the run config")
-    root = cfg.data.datamodule.get("root")
-    return read_preprocessing(root) if root and Path(root).is_dir() else None
-
-
-def training_image_size(cfg: Any) -> list[int] | None:
-    """(D, H, W) of the volumes a run trained on: the resize target, else the phantom shape."""
-    data = cfg.data
-    for size in (data.datamodule.get("spatial_size"), data.get("image_size"), (data.get("phantom") or {}).get("shape")):
-        if size is not None:
-            return [int(n) for n in size]
-    return None
-
-
-@dataclass
-class ContrastiveCheckpoint:
-    """What a stage-1 checkpoint rebuilds into: the model and how it reads its inputs."""
-
-    model: Any  # ContrastiveModel, eval mode
-    tokenizer: Any
-    image_size: list[int] | None
-    max_text_tokens: int
-
-
-def load_contrastive_checkpoint(ckpt_path: str | os.PathLike) -> ContrastiveCheckpoint:
-    """The stage-1 ``ContrastiveModel`` of a SigLIP/CLIP checkpoint with its tokenizer and input size."""
-    cfg, checkpoint = read_checkpoint(ckpt_path)
-    if cfg.model.get("_target_") != CONTRASTIVE_STAGE_TARGET:
-        raise ValueError(f"{ckpt_path} is a {cfg.model.get('_target_')} checkpoint, not a stage-1 one")
-    return _contrastive_from_checkpoint(cfg, checkpoint)
-
-
-def _contrastive_from_checkpoint(cfg: Any, checkpoint: dict[str, Any]) -> ContrastiveCheckpoint:
-    from med3dvlm.models.text_encoder import load_tokenizer
-    from med3dvlm.stages.contrastive import MAX_REPORT_TOKENS
-
-    module = _instantiate_from_checkpoint(cfg, checkpoint)
-    collator = cfg.get("collator") or {}
-    tokenizer_path = collator.get("tokenizer_path") or cfg.text_encoder.name_or_path
-    max_tokens = collator.get("max_length") or cfg.text_encoder.get("max_length") or MAX_REPORT_TOKENS
-    return ContrastiveCheckpoint(
-        model=module.model.eval(),
-        tokenizer=load_tokenizer(tokenizer_path),
-        image_size=training_image_size(cfg),
-        max_text_tokens=int(max_tokens),
-    )
 
 
 def _save(loaded: Any, output_dir: str | os.PathLike, preprocessing: Any) -> Path:

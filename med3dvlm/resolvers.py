@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from med3dvlm.utils import available_cores
+
 
 def package_data_path(package: str, subdir: str = "") -> str:
     spec = importlib.util.find_spec(package)
@@ -71,8 +73,6 @@ def cpu_precision(wanted: str) -> str:
 
 def cpu_processes(at_most: int) -> int:
     """One training process per usable core, at most ``at_most`` (``strategy=cpu_ddp``)."""
-    from med3dvlm.data.prepare import available_cores  # the data preparation's count of usable cores
-
     return max(1, min(int(at_most), available_cores()))
 
 

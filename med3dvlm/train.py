@@ -15,8 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-# CONFIG_CHECKPOINT_KEY: the run config's key in every checkpoint (also importable from here)
-from med3dvlm.checkpoint_io import CONFIG_CHECKPOINT_KEY, refusing_unsafe_pickles
+from med3dvlm.checkpoints import CONFIG_CHECKPOINT_KEY, refusing_unsafe_pickles
 from med3dvlm.cli import reporting_mistakes, reports_mistakes
 from med3dvlm.resolvers import register_resolvers
 
@@ -120,7 +119,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from med3dvlm.stages.callbacks import write_json
+    from med3dvlm.utils import json_bytes, write_atomic
 
     check_stage_data(cfg)
     output_dir = cfg.paths.output_dir
@@ -163,7 +162,7 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
         report = getattr(module, "test_report", None)
         if callable(report) and trainer.is_global_zero:
             summary = report()
-            write_json(Path(output_dir) / summary["file"], summary["results"])
+            write_atomic(Path(output_dir) / summary["file"], json_bytes(summary["results"]))
             print(summary["table"])
             log.info("test results written to %s", Path(output_dir) / summary["file"])
     return metrics

@@ -32,7 +32,7 @@ def reference_module(tiny_models):
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from med3dvlm.train import CONFIG_CHECKPOINT_KEY
+    from med3dvlm.checkpoints import CONFIG_CHECKPOINT_KEY
 
     checkpoint = torch.load(tiny_models.clip_checkpoint, map_location="cpu", weights_only=True)
     cfg = OmegaConf.create(checkpoint[CONFIG_CHECKPOINT_KEY])

@@ -18,7 +18,7 @@ from hydra_helpers import CPU_TINY, compose_config
 from omegaconf import open_dict
 
 import med3dvlm
-from med3dvlm.checkpoint_io import (
+from med3dvlm.checkpoints import (
     CONFIG_CHECKPOINT_KEY,
     CheckpointError,
     UnsafeCheckpointError,
@@ -64,7 +64,7 @@ def test_load_model_refuses_it(malicious):
 
 
 def test_the_best_checkpoint_callback_refuses_it(malicious):
-    from med3dvlm.stages.callbacks import best_checkpoint_state
+    from med3dvlm.checkpoints.handoff import best_checkpoint_state
 
     path, marker = malicious
     trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_path=str(path)))

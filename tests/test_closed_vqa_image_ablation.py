@@ -11,6 +11,8 @@ from tiny_models import load_experiment_script
 
 from med3dvlm.data.samples import Sample
 
+pytestmark = pytest.mark.slow  # a research script of experiments/: make test-slow
+
 
 @pytest.fixture(scope="module")
 def ablation():

@@ -63,6 +63,7 @@ def run_stage(tmp_path: Path, name: str, *overrides: str) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_pretrain_then_finetune_in_two_processes(tmp_path):
     pretrain = run_stage(tmp_path, "pretrain")
     assert "Starting with 2 processes" in pretrain

@@ -19,8 +19,7 @@ from ct_rate_files import PATIENTS, SHAPE, write_ct_rate_tree
 
 from med3dvlm.data import layout
 from med3dvlm.data.ct_rate import ABNORMALITY_LABELS, RAD3D_TASKS, patient_of, read_abnormality_labels
-from med3dvlm.data.prepare import PrepareSettings
-from med3dvlm.data.prepare_ct_rate import CT_RATE_HU_WINDOW, prepare_ct_rate
+from med3dvlm.data.prepare import CT_RATE_HU_WINDOW, PrepareSettings, prepare_ct_rate
 from med3dvlm.data.volumes import load_volume
 
 MISSING = ("train_6_a_1.nii.gz",)  # listed in the CSVs, not downloaded
@@ -172,7 +171,8 @@ def test_stages_and_vqa_evaluation_run_on_the_prepared_root(trees, tmp_path):
     def config(run, experiment, data, *overrides):
         cfg = compose_config("train", [f"experiment={experiment}", "debug=tiny", f"data={data}", *CPU_TINY,
                                        "callbacks.model_checkpoint.monitor=null", "trainer.limit_train_batches=1",
-                                       "trainer.limit_val_batches=1", *overrides], tmp_path / run)  # fmt: skip
+                                       "trainer.limit_val_batches=1", "data.datamodule.num_workers=0", *overrides],
+                             tmp_path / run)  # fmt: skip
         with open_dict(cfg):
             cfg.data.datamodule.root = str(root)
             del cfg["hydra"]

@@ -8,6 +8,8 @@ import pytest
 import torch
 from tiny_models import load_experiment_script
 
+pytestmark = pytest.mark.slow  # a research script of experiments/: make test-slow
+
 
 @pytest.fixture(scope="module")
 def diagnose():

@@ -58,7 +58,7 @@ def tiny_vlm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stage1_checkpoint(tmp_path_factory) -> Path:
     """An untrained stage-1 model saved as `python -m med3dvlm.train` saves one (for retrieval)."""
-    from med3dvlm.train import CONFIG_CHECKPOINT_KEY
+    from med3dvlm.checkpoints import CONFIG_CHECKPOINT_KEY
 
     tmp = tmp_path_factory.mktemp("stage1")
     cfg = compose_config("train", ["experiment=siglip", "debug=tiny", *CPU_TINY], tmp)
@@ -170,6 +170,19 @@ def test_generation_suites_explain_missing_inputs(tmp_path, phantom_root, tiny_v
     cfg = _eval_config(tmp_path, "all", tiny_vlm_dir, phantom_root, f"ckpt_path={tmp_path / 'none.ckpt'}")
     with pytest.raises(FileNotFoundError, match="none.ckpt does not exist"):
         evaluate(cfg)
+
+
+
+def test_the_vlm_is_read_as_load_model_reads_it(tiny_vlm_dir, stage1_checkpoint):
+    """model_dir= goes through med3dvlm.load_model: dtype and eval mode applied; a stage-1 checkpoint
+    is named as what it is, not as a folder lacking med3dvlm.json."""
+    from med3dvlm.eval import generate
+
+    model = generate.load_vlm(tiny_vlm_dir, "bfloat16", "cpu")
+    assert isinstance(model, Med3DVLM) and not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="stage-1 \\(retrieval\\) model"):
+        generate.load_vlm(stage1_checkpoint, None, "cpu")
 
 
 def test_sampling_settings_reach_generate_only_when_sampling():

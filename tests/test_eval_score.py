@@ -10,7 +10,7 @@ from hydra_helpers import compose_config
 
 from med3dvlm.eval.predictions import PredictionFileError, PredictionWriter, read_predictions
 from med3dvlm.eval.scoring import format_summary_table, score_predictions
-from med3dvlm.eval.text_metrics import BertScoreSettings, TextMetrics, meteor
+from med3dvlm.metrics.text import BertScoreSettings, TextMetrics, meteor
 from med3dvlm.resolvers import package_data_path
 
 REPORTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "reports"

@@ -209,6 +209,7 @@ def test_fast_copy_loads_faster_than_nii_gz(tmp_path):
     assert best_time(slow) > 3 * best_time(fast)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_and_prints_the_ratio(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "bench_data.py"), "--volumes", "2", "--shape", "16", "32", "32",

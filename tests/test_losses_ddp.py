@@ -20,6 +20,8 @@ from torch import nn
 
 from med3dvlm.models.losses import ClipLoss, SigLipLoss
 
+pytestmark = pytest.mark.slow  # two spawned gloo processes: make test-slow
+
 WORLD = 2
 WIDTH, IN_WIDTH = 4, 3
 

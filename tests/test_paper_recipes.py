@@ -1,5 +1,5 @@
-"""The ``*_paper`` experiments carry the paper's numbers (SPEC §3, §5-§7), not the CPU defaults they
-inherit from: every value below is written from SPEC.md, independently of the configs."""
+"""The ``*_paper`` experiments carry the paper's numbers (SPEC §3, §5-§7): every value below is written
+from SPEC.md, independently of the configs. They are the base the CPU defaults extend, never the other way."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra_helpers import compose_config
 from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*_paper.yaml"))
+CPU_EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml") if not p.stem.endswith("_paper"))
 
 # What no paper recipe may inherit from a CPU default: caps on the batches of an epoch.
 NO_CPU_CAPS = {
@@ -122,3 +124,25 @@ def test_paper_experiment_carries_the_spec_values(experiment, tmp_path):
         if actual[key] is missing or not same(actual[key], expected)
     }
     assert not wrong, "config value vs SPEC: " + ", ".join(f"{k}={a!r} (SPEC {e!r})" for k, (a, e) in wrong.items())
+
+
+def included_experiment_files(name: str) -> list[str]:
+    """The experiment files ``name`` includes through its defaults lists (not group overrides), in order."""
+    defaults = yaml.safe_load((CONFIGS / "experiment" / f"{name}.yaml").read_text(encoding="utf-8")).get("defaults", [])
+    found = []
+    for entry in defaults:
+        if isinstance(entry, str) and entry != "_self_":
+            found += [entry, *included_experiment_files(entry)]
+    return found
+
+
+@pytest.mark.parametrize("experiment", PAPER_EXPERIMENTS)
+def test_paper_experiment_includes_no_cpu_recipe_or_overlay(experiment):
+    included = included_experiment_files(experiment)
+    cpu = [name for name in included if name in CPU_EXPERIMENTS or name.endswith("_cpu")]
+    assert not cpu, f"{experiment} includes the CPU configs {cpu}: a CPU departure would leak into the paper's recipe"
+
+
+@pytest.mark.parametrize("experiment", CPU_EXPERIMENTS)
+def test_cpu_experiment_is_its_paper_recipe_plus_departures(experiment):
+    assert f"{experiment}_paper" in included_experiment_files(experiment)

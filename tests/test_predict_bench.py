@@ -8,7 +8,10 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # a benchmark script of experiments/: make test-slow
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
 

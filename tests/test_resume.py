@@ -16,6 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from hydra_helpers import CPU_TINY, compose_config
 from med3dvlm.train import train
 
+pytestmark = pytest.mark.slow  # runs killed and resumed in subprocesses: make test-slow
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from med3dvlm.eval import retrieval
-from med3dvlm.eval.retrieval import (
+from med3dvlm.metrics import retrieval
+from med3dvlm.metrics.retrieval import (
     chance_recall,
     format_retrieval_table,
     retrieval_protocol,

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from med3dvlm.eval import text_metrics
-from med3dvlm.eval.text_metrics import (
+from med3dvlm.metrics import text as text_metrics
+from med3dvlm.metrics.text import (
     BertScoreSettings,
     TextMetrics,
     bertscore_f1,

@@ -15,9 +15,9 @@ from omegaconf import open_dict
 
 import med3dvlm
 from hydra_helpers import CPU_TINY, compose_config, small_llm
-from med3dvlm.eval.vqa_rules import closed_answer_is_correct
+from med3dvlm.metrics.vqa import closed_answer_is_correct, closed_vqa_accuracy
 from med3dvlm.models.encoders import save_pretrained_encoder
-from med3dvlm.stages.vlm import closed_vqa_accuracy, load_pretrained_projector, save_pretrained_projector
+from med3dvlm.models.vlm import load_pretrained_projector, save_pretrained_projector
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -267,7 +267,8 @@ def pipeline_config(tmp_path, run, experiment, *overrides):
 
 
 def test_pretrain_then_finetune_then_export_on_tiny_phantoms(tmp_path, capsys):
-    from med3dvlm.export import export_vlm, load_stage_checkpoint
+    from med3dvlm.checkpoints import load_stage_checkpoint
+    from med3dvlm.export import export_vlm
     from med3dvlm.train import train
 
     stage1 = build_stage(tmp_path / "stage1", "pretrain").model.image_encoder  # stands in for a siglip run

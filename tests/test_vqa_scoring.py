@@ -8,9 +8,8 @@ import pytest
 
 from med3dvlm.eval.predictions import PredictionFileError
 from med3dvlm.eval.scoring import format_summary_table, score_predictions
-from med3dvlm.eval.text_metrics import TextMetrics, rouge_f
-from med3dvlm.eval.vqa import parse_choice, score_closed_answer
-from med3dvlm.eval.vqa_rules import closed_answer_is_correct
+from med3dvlm.metrics.text import TextMetrics, rouge_f
+from med3dvlm.metrics.vqa import closed_answer_is_correct, closed_vqa_accuracy, parse_choice, score_closed_answer
 
 CHOICES = {"A": "Liver", "B": "Kidney", "C": "Spleen", "D": "Pancreas"}
 
@@ -107,6 +106,40 @@ def test_closed_summary_per_question_type_matches_hand_counts():
     assert table[4] == "| Plane | 2 | 50.00 | 50.00 |"
     assert table[-1] == "| Overall | 7 | 57.14 | 57.14 |"
 
+
+
+def test_stage_3_test_report_and_the_evaluator_count_question_types_alike():
+    """The stage's test report (closed_vqa_accuracy) and eval=vqa_closed (score_predictions) share one
+    per-type aggregation: same types, same table order (SPEC §6, then 3D-RAD's tasks)."""
+    answers = [  # (question type, prediction, answer letter)
+        ("Existence Detection", "A. yes", "A"),
+        ("Plane", "C. Sagittal", "C"),
+        ("Medical Computation", "D. no", "B"),
+        ("Plane", "A. Axial", "C"),
+        ("Medical Computation", "B. 3", "B"),
+    ]
+    rows = [
+        {"id": str(i), "question_type": kind, "prediction": prediction, "answer_choice": letter, "reference": "x"}
+        for i, (kind, prediction, letter) in enumerate(answers)
+    ]
+    _, summary = score_predictions(rows, "vqa_closed")
+    records = [{"question_type": kind, "correct": closed_answer_is_correct(p, letter)} for kind, p, letter in answers]
+    stage = closed_vqa_accuracy(records)["accuracy"]
+    order = ["Plane", "Medical Computation", "Existence Detection"]  # 3D-RAD task order, not sorted
+    assert list(summary["by_question_type"]) == order
+    assert list(stage) == [*order, "overall"]
+    hand = {"Plane": (0.5, 2), "Medical Computation": (0.5, 2), "Existence Detection": (1.0, 1)}
+    for name, (accuracy, count) in hand.items():
+        assert stage[name] == {"accuracy": accuracy, "count": count}
+        assert (summary["by_question_type"][name]["accuracy"], summary["by_question_type"][name]["count"]) == (
+            accuracy, count,
+        )
+    assert stage["overall"] == {"accuracy": 0.6, "count": 5}
+    assert summary["overall"]["accuracy"] == 0.6
+    # the stage also scores questions of no or other types: after the known ones, sorted
+    unnamed = [{"question_type": None, "correct": True}, {"question_type": "Zeta", "correct": False}]
+    other = closed_vqa_accuracy([*records, *unnamed])
+    assert list(other["accuracy"]) == [*order, "Unknown", "Zeta", "overall"]
 
 def test_open_summary_averages_per_sample_library_values_per_type():
     rows = [

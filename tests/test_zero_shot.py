@@ -202,7 +202,7 @@ def test_eval_entry_point_writes_predictions_summary_and_table(tiny_models, clip
 
 
 def test_eval_errors_name_the_problem(tiny_models, labelled_root, tmp_path):
-    from med3dvlm.checkpoint_io import CONFIG_CHECKPOINT_KEY
+    from med3dvlm.checkpoints import CONFIG_CHECKPOINT_KEY
     from med3dvlm.data.errors import MissingFileError
     from med3dvlm.eval.app import evaluate
 

@@ -47,7 +47,7 @@ def phantom_volumes(root: Path) -> tuple[list[Path], list[str]]:
 def write_clip_checkpoint(tmp_path: Path) -> Path:
     """A stage-1 checkpoint with the run config stored as ``train.py`` stores it, without training:
     random weights with the heads perturbed so that the export must carry them."""
-    from med3dvlm.train import CONFIG_CHECKPOINT_KEY
+    from med3dvlm.checkpoints import CONFIG_CHECKPOINT_KEY
 
     cfg = compose_config("train", ["experiment=siglip", "debug=tiny", *CPU_TINY], tmp_path)
     record_phantom_preprocessing(cfg)

@@ -24,6 +24,7 @@ its summary reports it (DataLoader start-up included, model load and Trainer set
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 import tempfile
@@ -81,7 +82,9 @@ def build_models(workdir: Path, model_shape: tuple[int, int, int]) -> tuple[Path
     )
     write_preprocessing(clip_dir, preprocessing)
 
-    cfg = harness.compose_train_config(["experiment=pretrain", "llm=tiny", f"data.phantom.shape={shape}"], workdir / "vlm_cfg")
+    cfg = harness.compose_train_config(
+        ["experiment=pretrain", "llm=tiny", f"data.phantom.shape={shape}"], workdir / "vlm_cfg"
+    )
     torch.manual_seed(0)
     vlm = hydra.utils.instantiate(cfg.model.model).eval()
     vlm_dir = vlm.save_pretrained(workdir / "vlm")
@@ -126,9 +129,7 @@ def python_loop(task: str, model_dir: Path, volumes: list[Path], new_tokens: int
     return {"outputs": outputs, "loop_s": end - loop_start, "total_s": end - start}
 
 
-def predict_run(
-    task: str, model_dir: Path, inputs: Path, out: Path, args, workdir: Path
-) -> dict[str, Any]:
+def predict_run(task: str, model_dir: Path, inputs: Path, out: Path, args, workdir: Path) -> dict[str, Any]:
     """``predict`` in this process, as the command runs it; outputs in input order."""
     from med3dvlm.predicting.outputs import read_matrix
     from med3dvlm.predicting.run import run_predict
@@ -160,9 +161,20 @@ def compare(task: str, loop_outputs: list[Any], predict_outputs: list[Any]) -> f
 def main(argv: list[str] | None = None) -> int:
     parser = harness.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--volumes", type=int, default=None, help="scans for task=embed (default 48; 4 with --quick)")
-    parser.add_argument("--report-volumes", type=int, default=None, help="scans for task=report (default 16; 4 with --quick)")
-    parser.add_argument("--input-shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="raw scans (default 64 128 128)")
-    parser.add_argument("--model-shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="models' volume size (default 32 64 64, experiment=siglip's)")
+    parser.add_argument(
+        "--report-volumes", type=int, default=None, help="scans for task=report (default 16; 4 with --quick)"
+    )
+    parser.add_argument(
+        "--input-shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="raw scans (default 64 128 128)"
+    )
+    parser.add_argument(
+        "--model-shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("D", "H", "W"),
+        help="models' volume size (default 32 64 64, experiment=siglip's)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="predict's DataLoader workers")
     parser.add_argument("--new-tokens", type=int, default=None, help="longest report (default 32; 4 with --quick)")
@@ -189,12 +201,16 @@ def main(argv: list[str] | None = None) -> int:
             listing = workdir / f"{task}.txt"
             listing.write_text("".join(f"{path}\n" for path in chosen))
             best: dict[str, dict[str, Any]] = {}
+            rounds: dict[str, list[float]] = {way: [] for way in ("Python loop", "predict")}
+            out = workdir / "out" / f"{task}.jsonl"
+            ways = {
+                "Python loop": functools.partial(python_loop, task, model_dir, chosen, args.new_tokens),
+                "predict": functools.partial(predict_run, task, model_dir, listing, out, args, workdir),
+            }
             for _ in range(args.repeats):  # interleaved: load from other processes hits both alike
-                for way, run in (
-                    ("Python loop", lambda: python_loop(task, model_dir, chosen, args.new_tokens)),
-                    ("predict", lambda: predict_run(task, model_dir, listing, workdir / "out" / f"{task}.jsonl", args, workdir)),
-                ):
+                for way, run in ways.items():
                     result = run()
+                    rounds[way].append(result["loop_s"])
                     if way not in best or result["loop_s"] < best[way]["loop_s"]:
                         best[way] = result
             loop, batch = best["Python loop"], best["predict"]
@@ -206,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                     "speedup_vs_loop": loop["loop_s"] / result["loop_s"],
                     "end_to_end_speedup": loop["total_s"] / result["total_s"],
                     "agreement": agreement if way == "predict" else None,
+                    "rounds_loop_s": rounds[way],
                 })  # fmt: skip
     harness.print_table(
         "predict against the one-volume Python loop (x loop: steady-state speed-up; agreement: embed = largest "
@@ -224,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     embed = next(row for row in rows if row["task"] == "embed" and row["way"] == "predict")
     verdict = "meets" if embed["speedup_vs_loop"] >= GOAL_EMBED_SPEEDUP else "misses"
-    print(f"\npredict task=embed: {embed['speedup_vs_loop']:.2f}x the Python loop ({verdict} the {GOAL_EMBED_SPEEDUP:g}x goal)")
+    print(
+        f"\npredict task=embed: {embed['speedup_vs_loop']:.2f}x the Python loop ({verdict} the {GOAL_EMBED_SPEEDUP:g}x goal)"
+    )
     results = {
         "volumes": args.volumes, "report_volumes": args.report_volumes, "input_shape": list(args.input_shape),
         "model_shape": list(args.model_shape), "goal_embed_speedup": GOAL_EMBED_SPEEDUP, "rows": rows,

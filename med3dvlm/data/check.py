@@ -24,7 +24,6 @@ a series that cannot be read (several series mixed, missing slice, tilt, ...) is
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -37,14 +36,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from med3dvlm.data import layout
+from med3dvlm.data import ct_rate, layout
 from med3dvlm.data.errors import DataError
-from med3dvlm.data import ct_rate
 from med3dvlm.data.m3d import ReadResult, SkippedSample, read_cap_json, read_vqa_csv, read_vqa_yes_no_csv
+from med3dvlm.data.preprocessing import PREPARED_SHAPE
 from med3dvlm.data.samples import Sample
-from med3dvlm.data.prepare import PREPARED_SHAPE, available_cores, run_jobs, write_atomic
 from med3dvlm.data.volumes import load_volume, with_volume_format
 from med3dvlm.resolvers import register_resolvers
+from med3dvlm.utils import available_cores, json_bytes, run_jobs, write_atomic
 
 VALUE_RANGE = (0.0, 1.0)  # SPEC §6: prepared volumes are in [0, 1]
 RANGE_TOLERANCE = 1e-6  # float rounding of a resize or an integer encoding's scale
@@ -293,8 +292,7 @@ def run_from_config(cfg: Any) -> CheckReport:
         report = _check_dataset_from_config(cfg)
     print(report.text(cfg.get("max_listed", 50)))
     if cfg.get("report_file"):
-        content = json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n"
-        write_atomic(Path(cfg["report_file"]), content.encode("utf-8"))
+        write_atomic(Path(cfg["report_file"]), json_bytes(report.to_json(), indent=1))
     return report
 
 

@@ -111,10 +111,10 @@ class Preprocessing:
 
 def write_preprocessing(folder: str | os.PathLike, preprocessing: Preprocessing) -> Path:
     """``<folder>/preprocessing.json``, written atomically."""
-    from med3dvlm.utils import write_atomic
+    from med3dvlm.utils import json_bytes, write_atomic
 
     path = Path(folder) / PREPROCESSING_FILE
-    return write_atomic(path, (json.dumps(preprocessing.to_dict(), indent=2) + "\n").encode("utf-8"))
+    return write_atomic(path, json_bytes(preprocessing.to_dict(), indent=2, ensure_ascii=True))
 
 
 def read_preprocessing(folder: str | os.PathLike) -> Preprocessing | None:

@@ -16,7 +16,6 @@ decompression. Any NIfTI viewer opens it.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +29,7 @@ from med3dvlm.data.errors import (
     VolumeShapeError,
 )
 from med3dvlm.data.layout import VOLUME_SUFFIXES
+from med3dvlm.utils import atomic_path
 
 _NUMPY_SUFFIX = ".npy"
 _UNCOMPRESSED_NIFTI_SUFFIX = ".nii"
@@ -176,7 +176,7 @@ def save_volume(volume: np.ndarray, path: str | os.PathLike, encoding: str = "fl
     """Write a ``(D, H, W)`` or ``(1, D, H, W)`` volume so that ``load_volume`` reads it back.
 
     NIfTI files are written in the released layout (file axes ``(x, y, z) = (W, H, D)``, identity
-    affine). The write is atomic (temporary file in the same folder, then ``os.replace``) so an
+    affine). The write is atomic (``med3dvlm.utils.atomic_path``: a temporary file, then renamed) so an
     interrupted run never leaves a truncated volume behind. Parent folders are created.
 
     ``encoding`` (NIfTI only): ``float32`` stores the values as they are; ``uint8`` / ``int16``
@@ -196,17 +196,11 @@ def save_volume(volume: np.ndarray, path: str | os.PathLike, encoding: str = "fl
         raise VolumeShapeError(
             f"{path}: cannot save array of shape {data.shape}; expected (D, H, W) or (1, D, H, W)"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _create_temporary_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
-    try:
+    with atomic_path(path, suffix=suffix) as temporary:  # the suffix tells nibabel the format
         if suffix == _NUMPY_SUFFIX:
             np.save(temporary, data[np.newaxis])  # M3D's .npy layout: (1, D, H, W)
         else:
             nib.save(_nifti_image(data, encoding, path), temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -227,18 +221,3 @@ def _nifti_image(data: np.ndarray, encoding: str, path: Path) -> nib.Nifti1Image
     image = nib.Nifti1Image(np.ascontiguousarray(steps.astype(encoding)), affine=np.eye(4))
     image.header.set_slope_inter(1.0 / levels, 0.0)
     return image
-
-
-def _create_temporary_file(folder: Path, prefix: str, suffix: str) -> Path:
-    """An empty new file in ``folder`` with the usual umask-based permissions.
-
-    ``tempfile.mkstemp`` would create it readable by the owner only, which then sticks to the
-    final volume after ``os.replace`` and breaks datasets shared between users.
-    """
-    while True:
-        candidate = folder / f"{prefix}{secrets.token_hex(6)}.tmp{suffix}"
-        try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return candidate

@@ -28,10 +28,9 @@ register_resolvers()
 def evaluate_retrieval(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
 
-
     if cfg.get("released_clip_dir"):
         return evaluate_released_retrieval(cfg)
-    from med3dvlm.export import read_checkpoint
+    from med3dvlm.checkpoints import read_checkpoint, rebuild_stage
 
     run_cfg, checkpoint = read_checkpoint(cfg.ckpt_path)
     with open_dict(run_cfg):
@@ -42,8 +41,7 @@ def evaluate_retrieval(cfg: DictConfig) -> dict[str, Any]:
         run_cfg.model.retrieval_sizes = list(cfg.eval.sizes)
         run_cfg.model.retrieval_ks = list(cfg.eval.ks)
     L.seed_everything(cfg.seed)
-    module = hydra.utils.instantiate(run_cfg.model)
-    module.load_state_dict(checkpoint["state_dict"])
+    module = rebuild_stage(run_cfg, checkpoint)
     datamodule = hydra.utils.instantiate(run_cfg.data.datamodule)
     return _test_retrieval(cfg, module, datamodule, {"ckpt_path": str(cfg.ckpt_path)})
 
@@ -80,13 +78,13 @@ def _test_retrieval(cfg: DictConfig, module, datamodule, source: dict[str, str])
     """Runs the retrieval protocol (the module's test step), writes the JSON, prints the table."""
     import lightning as L
 
-    from med3dvlm.stages.callbacks import write_json
+    from med3dvlm.utils import json_bytes, write_atomic
 
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False)
     trainer.test(module, datamodule=datamodule)
     report = module.test_report()
     out = Path(cfg.paths.output_dir) / report["file"]
-    write_json(out, {**source, "results": report["results"]})
+    write_atomic(out, json_bytes({**source, "results": report["results"]}))
     print(report["table"])
     log.info("retrieval results written to %s", out)
     return report["results"]
@@ -96,7 +94,7 @@ def text_metrics_from_config(metrics_cfg: DictConfig):
     """The SPEC §7 text metrics as configured in ``configs/eval/text_metrics``."""
     import torch
 
-    from med3dvlm.eval.text_metrics import BertScoreSettings, TextMetrics
+    from med3dvlm.metrics.text import BertScoreSettings, TextMetrics
 
     bertscore = None
     if metrics_cfg.bertscore.model:
@@ -175,7 +173,7 @@ def evaluate_zero_shot(cfg: DictConfig) -> dict[str, Any]:
     from med3dvlm.api import load_model
     from med3dvlm.data.ct_rate import ABNORMALITY_LABELS
     from med3dvlm.eval.zero_shot import run_zero_shot
-    from med3dvlm.export import checkpoint_stage, read_checkpoint
+    from med3dvlm.checkpoints import checkpoint_stage, read_checkpoint
 
     model_dir = cfg.get("model_dir")
     ckpt_path = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.get("ckpt_path")

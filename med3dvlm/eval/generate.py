@@ -18,7 +18,6 @@ parameters give the volumes' device and dtype, and
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -40,7 +39,7 @@ from med3dvlm.eval.seeds import (
     seed_folder,
     write_seed_summary,
 )
-from med3dvlm.eval.text_metrics import TextMetrics
+from med3dvlm.metrics.text import TextMetrics
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +90,11 @@ def select_samples(data_root: str | Path, task: str, split: str, limit: int | No
 
 def choices_from_prompt(prompt: str) -> dict[str, str] | None:
     """The four choice texts of a closed prompt written by ``layout.closed_prompt``, if it parses."""
-    _, marker, options = prompt.rpartition(" Choices: ")
-    if not marker:
+    try:
+        _, choices = layout.split_closed_prompt(prompt)
+    except ValueError:
         return None
-    pattern = r"A\. (?P<A>.*?) B\. (?P<B>.*?) C\. (?P<C>.*?) D\. (?P<D>.*)"  # first markers win
-    match = re.fullmatch(pattern, options, flags=re.DOTALL)
-    return {letter: match.group(letter) for letter in layout.ANSWER_LETTERS} if match else None
+    return dict(zip(layout.ANSWER_LETTERS, choices))
 
 
 def prediction_row(sample: Sample, prediction: str, data_root: Path) -> dict[str, Any]:
@@ -272,13 +270,16 @@ def plans_from_config(eval_cfg: Mapping[str, Any]) -> list[TaskPlan]:
 
 
 def load_vlm(model_dir: str | Path, dtype: str | None, device: str) -> Any:
-    """The exported VLM in eval mode on ``device``."""
-    from med3dvlm.models.vlm import Med3DVLM
+    """The ``Med3DVLM`` of an export folder or a stage-2/3 checkpoint, read as :func:`med3dvlm.load_model`
+    reads it, in eval mode on ``device``."""
+    from med3dvlm.api import load_model
 
     if not model_dir:
         raise ValueError("this suite needs the VLM: model_dir=DIR, a folder written by Med3DVLM.save_pretrained")
-    model = Med3DVLM.from_pretrained(model_dir, dtype=dtype)
-    return model.to(device).eval()
+    loaded = load_model(model_dir, device=device, dtype=dtype)
+    if loaded.kind != "vlm":
+        raise ValueError(f"{model_dir} is a stage-1 (retrieval) model; this suite generates with a VLM (stages 2-3)")
+    return loaded.model
 
 
 def evaluate_tasks(

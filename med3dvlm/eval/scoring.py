@@ -10,12 +10,11 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from statistics import fmean
 from typing import Any
 
 from med3dvlm.eval.predictions import infer_task, read_predictions, validate_rows, write_jsonl
-from med3dvlm.eval.text_metrics import METRIC_NAMES, TextMetrics
-from med3dvlm.eval.vqa import question_type_order, score_closed_answer
+from med3dvlm.metrics.text import METRIC_NAMES, TextMetrics
+from med3dvlm.metrics.vqa import mean_scores, means_by_group, means_by_question_type, score_closed_answer
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +24,6 @@ TASK_TITLES = {
     "vqa_open": "Open-ended VQA",
     "vqa_closed": "Closed-ended VQA",
 }
-
-
-def _mean_scores(per_sample: Sequence[Mapping[str, float]], keys: Sequence[str]) -> dict[str, float]:
-    return {key: fmean(float(scores[key]) for scores in per_sample) for key in keys} | {"count": len(per_sample)}
 
 
 def _closed_per_sample(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -64,20 +59,15 @@ def score_predictions(
         "task": task,
         "num_samples": len(rows),
         "metrics": list(keys),
-        "overall": _mean_scores(averaged, keys),
+        "overall": mean_scores(averaged, keys),
     }
     if task != "caption":
-        types = question_type_order({row["question_type"] for row in rows})
-        summary["by_question_type"] = {
-            name: _mean_scores([s for s, row in zip(averaged, rows) if row["question_type"] == name], keys)
-            for name in types
-        }
-        aspects = sorted({row["question_aspect"] for row in rows if row.get("question_aspect")})
-        if aspects:  # 3D-RAD: a second table by QuestionAspect
-            summary["by_question_aspect"] = {
-                name: _mean_scores([s for s, row in zip(averaged, rows) if row.get("question_aspect") == name], keys)
-                for name in aspects
-            }
+        types = [row["question_type"] for row in rows]
+        summary["by_question_type"] = means_by_question_type(averaged, types, keys)
+        aspects = [row.get("question_aspect") for row in rows]
+        named_aspects = sorted({aspect for aspect in aspects if aspect})
+        if named_aspects:  # 3D-RAD: a second table by QuestionAspect
+            summary["by_question_aspect"] = means_by_group(averaged, aspects, keys, named_aspects)
     summary["settings"] = settings
     summary["notes"] = notes
     return per_sample, summary

@@ -15,7 +15,7 @@ from statistics import fmean, stdev
 from typing import Any
 
 from med3dvlm.eval.scoring import CLOSED_METRIC_NAMES, TASK_TITLES
-from med3dvlm.eval.text_metrics import METRIC_NAMES
+from med3dvlm.metrics.text import METRIC_NAMES
 
 STD_DEFINITION = "sample standard deviation over the seeds (n - 1); 0 for one seed"
 

@@ -4,24 +4,22 @@ The paper's METEOR (SPEC §7) is NLTK's, with WordNet synonyms. NLTK's downloade
 internet; Debian's ``wordnet-base`` and ``wordnet-sense-index`` packages ship the same WordNet 3.0
 database files in ``/usr/share/wordnet``. NLTK reads them once they sit in an nltk_data tree as
 ``corpora/wordnet/`` together with a ``lexnames`` file, which Debian does not ship (its content is
-the table of the ``lexnames(5WN)`` manual page, reproduced below). This module builds that tree and
-puts it on ``nltk.data.path``.
-
-Where the tree goes: ``$MED3DVLM_NLTK_DATA`` if set, else ``$XDG_CACHE_HOME/med3dvlm/nltk_data``
-(``~/.cache/med3dvlm/nltk_data``).
+the table of the ``lexnames(5WN)`` manual page, reproduced below). This command builds that tree
+where the text metrics look for it (:func:`med3dvlm.metrics.text.default_nltk_data_dir`:
+``$MED3DVLM_NLTK_DATA`` if set, else ``$XDG_CACHE_HOME/med3dvlm/nltk_data``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
 
+from med3dvlm.metrics.text import default_nltk_data_dir, load_wordnet
+
 DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
 DEBIAN_PACKAGES = ("wordnet-base", "wordnet-sense-index")
-NLTK_DATA_ENV = "MED3DVLM_NLTK_DATA"
 
 # The database files NLTK's WordNetCorpusReader opens (all but lexnames come from Debian).
 WORDNET_FILES = (
@@ -64,14 +62,6 @@ def lexnames_text() -> str:
     )
 
 
-def default_nltk_data_dir() -> Path:
-    """The nltk_data folder this project builds and searches (see the module docstring)."""
-    if os.environ.get(NLTK_DATA_ENV):
-        return Path(os.environ[NLTK_DATA_ENV]).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return cache / "med3dvlm" / "nltk_data"
-
-
 def missing_wordnet_files(source: Path) -> list[str]:
     return [name for name in WORDNET_FILES if not (source / name).is_file()]
 
@@ -97,16 +87,6 @@ def build_nltk_wordnet(source: Path = DEBIAN_WORDNET_DIR, nltk_data_dir: Path | 
     return target
 
 
-def add_to_nltk_path(nltk_data_dir: Path | None = None) -> Path:
-    """Put the project's nltk_data folder first on ``nltk.data.path`` (idempotent)."""
-    import nltk
-
-    folder = str(Path(nltk_data_dir or default_nltk_data_dir()))
-    if folder not in nltk.data.path:
-        nltk.data.path.insert(0, folder)
-    return Path(folder)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=DEBIAN_WORDNET_DIR, help="WordNet 3.0 dict files")
@@ -117,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    from med3dvlm.eval.text_metrics import load_wordnet
-
     try:
         wordnet = load_wordnet(folder.parent.parent)
     except ImportError as error:

@@ -52,7 +52,7 @@ def save_pretrained_contrastive(
     """Writes ``model`` so that :func:`load_pretrained_contrastive` rebuilds it with no other file:
     ``med3dvlm_clip.json`` (architecture, the volume size it was trained at, text settings),
     ``model.safetensors`` (image tower and heads) and ``text_encoder/`` (HF model + tokenizer)."""
-    from safetensors.torch import save_file
+    from med3dvlm.models.folders import write_record, write_weights
 
     encoder_config = getattr(model.image_encoder, "build_config", None)
     if encoder_config is None:
@@ -64,9 +64,8 @@ def save_pretrained_contrastive(
     output_dir.mkdir(parents=True, exist_ok=True)
     text_model.save_pretrained(output_dir / TEXT_ENCODER_DIR)
     tokenizer.save_pretrained(output_dir / TEXT_ENCODER_DIR)
-    state = model.state_dict()
-    weights = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith("text_encoder.")}
-    save_file(weights, str(output_dir / CONTRASTIVE_WEIGHTS_FILE))
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("text_encoder.")}
+    write_weights(output_dir / CONTRASTIVE_WEIGHTS_FILE, weights)
     config = {
         "format": CONTRASTIVE_FORMAT,
         "format_version": CONTRASTIVE_FORMAT_VERSION,
@@ -75,7 +74,7 @@ def save_pretrained_contrastive(
         "image_encoder": {k: v for k, v in encoder_config.items() if k != "pretrained"},
         "text_encoder": {"pooling": getattr(model.text_encoder, "pooling", "cls"), "max_length": int(max_text_tokens)},
     }
-    (output_dir / CONTRASTIVE_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    write_record(output_dir / CONTRASTIVE_CONFIG_FILE, config)
     return output_dir
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from med3dvlm.models.dcformer import DCFORMER_VARIANTS, DCFormer
+from med3dvlm.models.folders import write_record, write_weights
 from med3dvlm.models.vit3d import ViT3D
 
 ENCODER_CONFIG_FILE = "encoder.json"
@@ -69,19 +70,14 @@ def apply_speed_options(encoder: nn.Module, channels_last: bool = False, compile
 
 
 def save_pretrained_encoder(encoder: nn.Module, output_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
+    """``encoder.json`` (the factory arguments) + ``model.safetensors`` (``state_dict``, default the
+    encoder's own), the folder ``build_encoder(pretrained=...)`` reads."""
     config = getattr(encoder, "build_config", None)
     if config is None:
         raise ValueError("this encoder was not made by build_encoder, so its architecture cannot be recorded")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state = state_dict if state_dict is not None else encoder.state_dict()
-    weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    tmp = output_dir / (ENCODER_WEIGHTS_FILE + ".tmp")
-    save_file(weights, str(tmp))
-    os.replace(tmp, output_dir / ENCODER_WEIGHTS_FILE)
-    (output_dir / ENCODER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    write_weights(output_dir / ENCODER_WEIGHTS_FILE, state_dict if state_dict is not None else encoder.state_dict())
+    write_record(output_dir / ENCODER_CONFIG_FILE, config)
     return output_dir
 
 

@@ -13,12 +13,14 @@ here keep the corrected splice.
 ``Med3DVLM.save_pretrained(dir)`` writes one folder that ``Med3DVLM.from_pretrained(dir)`` reads
 back without ``trust_remote_code``: the LLM in standard transformers format (``config.json``,
 ``model.safetensors``, tokenizer files), the encoder and projector in ``vision.safetensors``, and how
-to rebuild them in ``med3dvlm.json``.
+to rebuild them in ``med3dvlm.json``. :func:`save_pretrained_projector` writes the stage-2 projector
+alone (``projector.json`` + ``model.safetensors``), which stage 3 loads with ``model.projector_path``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,9 +34,11 @@ from torch.nn import functional as F
 from med3dvlm.models.llm import (
     IMAGE_TOKEN,
     add_image_token_embeddings,
+    embedding_fingerprint,
     load_language_model,
     load_tokenizer,
 )
+from med3dvlm.models.folders import write_record, write_weights
 from med3dvlm.models.projectors import build_projector
 
 # SPEC §4: the projector reads the encoder's last two stages (low = s3, high = s4).
@@ -50,6 +54,9 @@ LORA_TARGET_MODULES = "all-linear"  # peft: every Linear except the output layer
 VLM_CONFIG_FILE = "med3dvlm.json"
 VISION_WEIGHTS_FILE = "vision.safetensors"
 FORMAT_VERSION = 1
+# The stage-2 projector, handed to stage 3 (model.projector_path)
+PROJECTOR_CONFIG_FILE = "projector.json"
+PROJECTOR_WEIGHTS_FILE = "model.safetensors"
 
 
 # SPEC §5: the released VQA prompts put a space between the placeholders and the question; its
@@ -354,8 +361,6 @@ class Med3DVLM(nn.Module):
 
     def save_pretrained(self, output_dir: str | os.PathLike) -> Path:
         """Writes the whole model to ``output_dir`` (LoRA merged first)."""
-        from safetensors.torch import save_file
-
         self.merge_lora()
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -363,8 +368,8 @@ class Med3DVLM(nn.Module):
         self.tokenizer.save_pretrained(output_dir)
         vision = {f"image_encoder.{k}": v for k, v in self.image_encoder.state_dict().items()}
         vision.update({f"projector.{k}": v for k, v in self.projector.state_dict().items()})
-        save_file({k: v.detach().cpu().contiguous() for k, v in vision.items()}, str(output_dir / VISION_WEIGHTS_FILE))
-        (output_dir / VLM_CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2))
+        write_weights(output_dir / VISION_WEIGHTS_FILE, vision)
+        write_record(output_dir / VLM_CONFIG_FILE, self.config_dict())
         return output_dir
 
     @classmethod
@@ -420,6 +425,47 @@ def pad_sequences(
         ids[row, span] = torch.as_tensor(list(sequence), dtype=torch.long)
         mask[row, span] = 1
     return ids, mask
+
+
+# -- the projector's hand-off (stage 2 -> 3) -----------------------------------------------------
+def save_pretrained_projector(model: Med3DVLM, output_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """``projector.json`` (its config and the LLM it was trained against) + ``model.safetensors``."""
+    output_dir = Path(output_dir)
+    state = state_dict if state_dict is not None else model.projector.state_dict()
+    write_weights(output_dir / PROJECTOR_WEIGHTS_FILE, state)
+    record = {"projector": model.projector_config, "language_model": embedding_fingerprint(model.base_language_model())}
+    write_record(output_dir / PROJECTOR_CONFIG_FILE, record)
+    return output_dir
+
+
+def load_pretrained_projector(model: Med3DVLM, path: str | os.PathLike) -> None:
+    """Loads a stage-2 projector into ``model``; refuses one built or trained for another setup."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / PROJECTOR_CONFIG_FILE, path / PROJECTOR_WEIGHTS_FILE
+    for file in (config_file, weights_file):
+        if not file.exists():
+            raise FileNotFoundError(
+                f"{file} not found: model.projector_path must be the projector/ folder of a pretrain run"
+            )
+    record = json.loads(config_file.read_text())
+    for key, value in record["projector"].items():
+        if model.projector_config.get(key) != value:
+            raise ValueError(
+                f"{path}: the saved projector has {key}={value!r} but this model's is "
+                f"{model.projector_config.get(key)!r}; use the projector, encoder, data shape and llm of the pretrain run"
+            )
+    saved, current = record["language_model"], embedding_fingerprint(model.base_language_model())
+    same_llm = saved["embedding_shape"] == current["embedding_shape"] and math.isclose(
+        saved["embedding_sum"], current["embedding_sum"], rel_tol=1e-6, abs_tol=1e-6
+    )
+    if not same_llm:
+        raise ValueError(
+            f"{path}: this projector was pretrained against another LLM (embedding fingerprint {saved} vs {current}); "
+            "use the llm config of the pretrain run"
+        )
+    model.projector.load_state_dict(load_file(str(weights_file)), strict=True)
 
 
 def build_vlm(

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from med3dvlm.metrics.retrieval import format_retrieval_table, retrieval_protocol, retrieval_recalls
 from med3dvlm.models.contrastive import ContrastiveModel
 
 # SPEC §3: reports are cut to 512 text tokens.
@@ -159,8 +160,6 @@ class ContrastiveModule(L.LightningModule):
         self._collect(batch)
 
     def on_validation_epoch_end(self) -> None:
-        from med3dvlm.eval.retrieval import retrieval_recalls
-
         image, text = self._gathered_embeddings()
         if image.shape[0] < 2:
             return
@@ -175,8 +174,6 @@ class ContrastiveModule(L.LightningModule):
         self._collect(batch)
 
     def on_test_epoch_end(self) -> None:
-        from med3dvlm.eval.retrieval import retrieval_protocol
-
         image, text = self._gathered_embeddings()
         self.test_results = retrieval_protocol(image, text, sizes=self.retrieval_sizes, ks=self.retrieval_ks)
         for size, metrics in self.test_results.items():
@@ -185,8 +182,6 @@ class ContrastiveModule(L.LightningModule):
 
     def test_report(self) -> dict[str, Any]:
         """What the entry points write and print after testing: retrieval JSON + markdown table."""
-        from med3dvlm.eval.retrieval import format_retrieval_table
-
         results = self.test_results or {}
         return {"file": "retrieval.json", "results": results, "table": format_retrieval_table(results)}
 

