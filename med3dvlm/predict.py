@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from med3dvlm.cli import reporting_mistakes, reports_mistakes
+from med3dvlm.cli import hydra_command
 from med3dvlm.resolvers import register_resolvers
 
 PROGRAM = "med3dvlm.predict"
@@ -22,18 +21,16 @@ FAILED_INPUTS_EXIT_CODE = 1
 register_resolvers()
 
 
-@reports_mistakes(PROGRAM)
-@hydra.main(version_base="1.3", config_path="pkg://med3dvlm.configs", config_name="predict")
+@hydra_command(PROGRAM, "predict")
 def main(cfg: DictConfig) -> None:
     from med3dvlm.predicting.module import BadInputStop
     from med3dvlm.predicting.run import run_predict
 
-    with reporting_mistakes():
-        try:
-            summary = run_predict(cfg)
-        except BadInputStop as stop:
-            print(f"error: {stop}", file=sys.stderr)
-            raise SystemExit(FAILED_INPUTS_EXIT_CODE) from None
+    try:
+        summary = run_predict(cfg)
+    except BadInputStop as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        raise SystemExit(FAILED_INPUTS_EXIT_CODE) from None
     if summary is None:  # a rank other than 0: rank 0 reports
         return
     print(summary.text())

@@ -9,26 +9,21 @@ still ran; the summary names each failure and why), 2 when the command could not
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig
 
-from med3dvlm.cli import reporting_mistakes, reports_mistakes
+from med3dvlm.cli import hydra_command
 from med3dvlm.resolvers import register_resolvers
 
 register_resolvers()
 
 
-@reports_mistakes("med3dvlm.prepare")  # a PreparationError (the command cannot start) -> one line, status 2
-@hydra.main(version_base="1.3", config_path="pkg://med3dvlm.configs", config_name="prepare")
+@hydra_command("med3dvlm.prepare", "prepare")  # a PreparationError (cannot start): one line, status 2
 def main(cfg: DictConfig) -> None:
     from med3dvlm.data.prepare import run_from_config
 
-    with reporting_mistakes():
-        summary = run_from_config(cfg)
+    summary = run_from_config(cfg)
     if summary.exit_code:
-        sys.exit(summary.exit_code)
+        raise SystemExit(summary.exit_code)
 
 
 if __name__ == "__main__":

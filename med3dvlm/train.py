@@ -16,11 +16,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from med3dvlm.checkpoints import CONFIG_CHECKPOINT_KEY, refusing_unsafe_pickles
-from med3dvlm.cli import reporting_mistakes, reports_mistakes
+from med3dvlm.cli import hydra_command
 from med3dvlm.resolvers import register_resolvers
 
 log = logging.getLogger(__name__)
-CONFIG_PATH = "pkg://med3dvlm.configs"
+PROGRAM = "med3dvlm.train"
 
 register_resolvers()
 
@@ -28,10 +28,12 @@ register_resolvers()
 # The DataModule each stage reads, and data configs that give it.
 STAGE_DATA = {
     "med3dvlm.stages.contrastive.ContrastiveModule": (
-        "med3dvlm.data.M3DCapDataModule", "image-report pairs (e.g. data=phantom_cap or data=m3d_cap)"
+        "med3dvlm.data.M3DCapDataModule",
+        "image-report pairs (e.g. data=phantom_cap or data=m3d_cap)",
     ),
     "med3dvlm.stages.vlm.VLMStage": (
-        "med3dvlm.data.MixtureDataModule", "a task mixture (e.g. data=phantom_vqa or data=m3d_vqa)"
+        "med3dvlm.data.MixtureDataModule",
+        "a task mixture (e.g. data=phantom_vqa or data=m3d_vqa)",
     ),
 }
 
@@ -44,9 +46,7 @@ def check_stage_data(cfg: DictConfig) -> None:
     known = {target for target, _ in STAGE_DATA.values()}
     if stage in STAGE_DATA and datamodule in known and datamodule != STAGE_DATA[stage][0]:
         expected, configs = STAGE_DATA[stage]
-        raise ValueError(
-            f"model {stage} reads a {expected}, but the data config builds a {datamodule}: use {configs}"
-        )
+        raise ValueError(f"model {stage} reads a {expected}, but the data config builds a {datamodule}: use {configs}")
 
 
 def prepare_data(cfg: DictConfig) -> None:
@@ -168,11 +168,9 @@ def train(cfg: DictConfig, extra_callbacks: list[Any] | None = None) -> dict[str
     return metrics
 
 
-@reports_mistakes("med3dvlm.train")
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@hydra_command(PROGRAM, "train")
 def main(cfg: DictConfig) -> float | None:
-    with reporting_mistakes():
-        metrics = train(cfg)
+    metrics = train(cfg)
     monitor = cfg.get("monitor")
     if monitor and monitor.get("metric") in metrics:
         return metrics[monitor.metric]  # the value Hydra sweepers optimise

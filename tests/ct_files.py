@@ -75,7 +75,11 @@ def write_dicom_series(
         dataset = copy.deepcopy(template)
         for key, value in PATIENT_MARKERS.items():
             setattr(dataset, key, value)
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.FrameOfReferenceUID = (
+            study_uid,
+            series_uid,
+            frame_uid,
+        )
         dataset.SOPInstanceUID = generate_uid()
         dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
         dataset.SeriesNumber, dataset.SeriesDescription = series_number, description

@@ -74,7 +74,9 @@ def write_ct_rate_tree(base: Path, phantom_root: Path, storage: str, missing: tu
         # display (D, H, W) = (I, P, L) -> file (x, y, z) = (L, P, I): affine with those directions
         affine = np.diag([-0.75, -0.75, -1.5, 1.0])
         if name not in missing:
-            nib.save(nib.Nifti1Image(np.ascontiguousarray(stored.transpose(2, 1, 0)).astype(np.int16), affine), folder / name)
+            nib.save(
+                nib.Nifti1Image(np.ascontiguousarray(stored.transpose(2, 1, 0)).astype(np.int16), affine), folder / name
+            )
         report = (phantoms.root / entry["text"]).read_text().strip()
         reports.append([name, "Chest pain.", "Non-contrast chest CT.", report, "No acute findings."])
         metadata.append([name, "1", str(STORED_INTERCEPT), "[0.75, 0.75]", "1.5"])
@@ -87,7 +89,11 @@ def write_ct_rate_tree(base: Path, phantom_root: Path, storage: str, missing: tu
          [r for r in reports if r[0].startswith("valid")])  # fmt: skip
     meta_columns = ["VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"]
     _csv(dataset / "metadata" / "train_metadata.csv", meta_columns, [m for m in metadata if m[0].startswith("train")])
-    _csv(dataset / "metadata" / "validation_metadata.csv", meta_columns, [m for m in metadata if m[0].startswith("valid")])
+    _csv(
+        dataset / "metadata" / "validation_metadata.csv",
+        meta_columns,
+        [m for m in metadata if m[0].startswith("valid")],
+    )
     label_rows = [[name, *(labels[name][label] for label in ABNORMALITY_LABELS)] for name in names]
     for split, file in (("train", "train_predicted_labels.csv"), ("valid", "valid_predicted_labels.csv")):
         _csv(dataset / "multi_abnormality_labels" / file, ["VolumeName", *ABNORMALITY_LABELS],
@@ -105,11 +111,15 @@ def write_rad3d(folder: Path, names: list[str]) -> Path:
         for index, name in enumerate(names):
             if task in (1, 4):
                 answer, letter = ("Yes", "A") if index % 2 == 0 else ("No", "B")
-                closed.append([name, f"Is there an abnormality ({title})?", "Yes", "No", "", "", answer, letter, "presence"])
+                closed.append(
+                    [name, f"Is there an abnormality ({title})?", "Yes", "No", "", "", answer, letter, "presence"]
+                )
             else:
                 letter = "ABCD"[index % 4]
                 choices = ["left lobe", "right lobe", "both lobes", "none"]
-                closed.append([name, f"Where is it ({title})?", *choices, choices["ABCD".index(letter)], letter, "location"])
+                closed.append(
+                    [name, f"Where is it ({title})?", *choices, choices["ABCD".index(letter)], letter, "location"]
+                )
             open_.append([name, f"Describe the {title.lower()}.", f"Finding {index % 3}.", "finding"])
         split = "test" if task % 2 else "train"  # 3D-RAD ships its own split folders; prepare re-splits by volume
         _csv(folder / split / f"task{task}_closed.csv", closed_columns, closed)

@@ -109,7 +109,7 @@ def test_checkpoint_and_export_give_the_same_embeddings(clip, tiny_models):
 def test_export_command_writes_a_stage1_folder(tiny_models, tmp_path, capsys):
     from med3dvlm.export import main
 
-    assert main([str(tiny_models.clip_checkpoint), str(tmp_path / "out")]) == 0
+    assert main([f"ckpt_path={tiny_models.clip_checkpoint}", f"out_dir={tmp_path / 'out'}"]) == 0
     assert "stage-1 (retrieval) model written" in capsys.readouterr().out
     assert (tmp_path / "out" / "med3dvlm_clip.json").is_file()
 
@@ -172,8 +172,12 @@ def test_ask_and_describe_equal_generate_on_the_training_prompts(vlm, tiny_model
     cases = [
         (vlm.ask(volume, QUESTION, max_new_tokens=MAX_NEW_TOKENS), QUESTION),
         (vlm.ask(volume, QUESTION, ["Liver", "Spleen", "Left kidney", "Pancreas"], MAX_NEW_TOKENS), closed),
-        (vlm.ask(volume, QUESTION, dict(zip("abcd", ["Liver", "Spleen", "Left kidney", "Pancreas"])), MAX_NEW_TOKENS),
-         closed),
+        (
+            vlm.ask(
+                volume, QUESTION, dict(zip("abcd", ["Liver", "Spleen", "Left kidney", "Pancreas"])), MAX_NEW_TOKENS
+            ),
+            closed,
+        ),
         (vlm.describe(volume, max_new_tokens=MAX_NEW_TOKENS), "Describe the findings of this medical image."),
     ]
     model = med3dvlm.Med3DVLM.from_pretrained(tiny_models.vlm_dir)

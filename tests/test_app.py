@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import med3dvlm
-from med3dvlm.app import NO_VOLUME, VolumeApp, main, slice_image, user_message
+from med3dvlm.app import main
 from med3dvlm.data.volumes import load_volume
+from med3dvlm.webui import NO_VOLUME, VolumeApp, slice_image, user_message
 
 pytest.importorskip("gradio")
 

@@ -184,6 +184,7 @@ def test_upload_browse_ask_describe_in_headless_chromium(app_url, browser, tiny_
     # a question and its answer, then a report
     element("#question textarea").send_keys(QUESTION)
     element("#ask").click()
+
     def answer(_=None):
         return element("#answer textarea").get_attribute("value")
 

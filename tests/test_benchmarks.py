@@ -51,7 +51,10 @@ def test_encoder_benchmark(benchmark, tmp_path, capsys):
     assert any(name.startswith("vit3d") for name in forward)
     for row in payload["forward"] + payload["forward_backward"]:
         assert finite(row["volumes_per_s"]) and finite(row["gflops_per_s"]) and row["best_s"] > 0
-    assert {row["variant"] for row in payload["forward_backward"]} >= {"plain fp32", "gradient checkpointing (per stage)"}
+    assert {row["variant"] for row in payload["forward_backward"]} >= {
+        "plain fp32",
+        "gradient checkpointing (per stage)",
+    }
     assert payload["flops_per_volume"]["forward"]["dcformer"] > 0
     assert "forward + backward, train mode" in capsys.readouterr().out
 

@@ -175,7 +175,7 @@ def test_not_a_dataset(tmp_path):
 
 def test_command_line_exit_status(broken_root, tiny_m3d_root, tmp_path):
     root, planted = broken_root
-    command = [sys.executable, "-m", "med3dvlm.data.check", "progress=false", "workers=1", f"hydra.run.dir={tmp_path}"]
+    command = [sys.executable, "-m", "med3dvlm.check", "progress=false", "workers=1", f"hydra.run.dir={tmp_path}"]
     broken = subprocess.run([*command, f"root={root}", "shape=[6,8,8]"], capture_output=True, text=True, timeout=120)
     assert broken.returncode == 1, broken.stderr
     assert f"{len(planted)} problems" in broken.stdout and "row 4" in broken.stdout

@@ -125,7 +125,7 @@ def run_command(*arguments: str) -> subprocess.CompletedProcess:
 def test_every_command_refuses_it_with_one_line(command, malicious, tiny_models, tmp_path):
     path, marker = malicious
     arguments = {
-        "export": ["med3dvlm.export", str(path), str(tmp_path / "out")],
+        "export": ["med3dvlm.export", f"ckpt_path={path}", f"out_dir={tmp_path / 'out'}"],
         "eval": ["med3dvlm.eval", "eval=retrieval", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}"],
         "demo": ["med3dvlm.demo", f"model_dir={path}", f"image={tiny_models.volumes[0]}"],
     }[command]

@@ -62,8 +62,14 @@ def cases(tmp_path):
             [str(missing)],
         ),
         "prepare unknown key": (["med3dvlm.prepare", "raw_dri=x", run], ["'raw_dri'"]),
-        "export missing checkpoint": (["med3dvlm.export", f"{missing}.ckpt", str(tmp_path / "out")], [str(missing)]),
-        "export unreadable checkpoint": (["med3dvlm.export", str(garbage), str(tmp_path / "out")], [str(garbage)]),
+        "export missing checkpoint": (
+            ["med3dvlm.export", f"ckpt_path={missing}.ckpt", f"out_dir={tmp_path / 'out'}"],
+            [str(missing)],
+        ),
+        "export unreadable checkpoint": (
+            ["med3dvlm.export", f"ckpt_path={garbage}", f"out_dir={tmp_path / 'out'}"],
+            [str(garbage)],
+        ),
     }
 
 

@@ -20,8 +20,15 @@ def ablation():
 
 
 def closed(path: str, letter: str, question_type: str = "Plane") -> Sample:
-    return Sample(Path(path), "Which plane? Choices: A. a B. b C. c D. d", f"{letter}. x", "vqa_closed",
-                  f"{path}:{letter}", question_type, letter)
+    return Sample(
+        Path(path),
+        "Which plane? Choices: A. a B. b C. c D. d",
+        f"{letter}. x",
+        "vqa_closed",
+        f"{path}:{letter}",
+        question_type,
+        letter,
+    )
 
 
 def test_every_volume_is_swapped_with_another_case(ablation):
@@ -33,7 +40,13 @@ def test_every_volume_is_swapped_with_another_case(ablation):
 
 def test_a_model_that_reads_the_image_loses_its_answers_when_the_volume_is_swapped(ablation):
     # volume "a" holds the answer A, volume "b" the answer C; the stub reads the letter off the voxels
-    samples = [closed("a", "A"), closed("b", "C"), closed("a", "A", "Phase"), closed("b", "C", "Phase"), closed("a", "A")]
+    samples = [
+        closed("a", "A"),
+        closed("b", "C"),
+        closed("a", "A", "Phase"),
+        closed("b", "C", "Phase"),
+        closed("a", "A"),
+    ]
     volumes = {Path("a"): torch.zeros(1, 2, 2, 2), Path("b"): torch.full((1, 2, 2, 2), 2.0)}
 
     def reads_image(images, questions):
@@ -47,7 +60,9 @@ def test_a_model_that_reads_the_image_loses_its_answers_when_the_volume_is_swapp
 
     # a text-only model (always "A.") scores the same either way: 3 of 5 questions have the answer A
     report = ablation.ablation(samples, lambda images, qs: ["A. x"] * len(qs), volumes.__getitem__, progress=False)
-    assert report["own"]["accuracy"]["overall"]["accuracy"] == report["swapped"]["accuracy"]["overall"]["accuracy"] == 0.6
+    assert (
+        report["own"]["accuracy"]["overall"]["accuracy"] == report["swapped"]["accuracy"]["overall"]["accuracy"] == 0.6
+    )
     assert "| Plane | 66.67 | 66.67 | 3 |" in ablation.format_table(report)
 
 

@@ -60,7 +60,7 @@ def test_combination_composes_and_starts(experiment, data, debug, phantom_data, 
         assert cfg.data.phantom is None and not generated
         assert cfg.data.datamodule.root == cfg.paths.data_dir
         return
-    (root, kwargs), = generated
+    ((root, kwargs),) = generated
     assert root == cfg.data.datamodule.root
     assert set(kwargs) == {"num_cases", "shape", "seed"}
     if debug == "tiny":

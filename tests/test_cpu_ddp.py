@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hydra_helpers import compose_config, small_llm
+
 from med3dvlm import resolvers
 from med3dvlm.resolvers import cpu_has_native_bf16, cpu_processes, per_process
 
@@ -51,9 +51,18 @@ def test_cpu_precision_is_bf16_only_where_the_cpu_has_bf16_instructions(monkeypa
 
 def run_stage(tmp_path: Path, name: str, *overrides: str) -> str:
     command = [
-        sys.executable, "-m", "med3dvlm.train", f"experiment={name}", "debug=tiny", *small_llm(layers=1),
-        "trainer.devices=2", "callbacks.progress_bar=null", "logger=csv",
-        f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / name}", *overrides,
+        sys.executable,
+        "-m",
+        "med3dvlm.train",
+        f"experiment={name}",
+        "debug=tiny",
+        *small_llm(layers=1),
+        "trainer.devices=2",
+        "callbacks.progress_bar=null",
+        "logger=csv",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={tmp_path / name}",
+        *overrides,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)  # Lightning gives each process cores // processes threads
@@ -72,7 +81,10 @@ def test_pretrain_then_finetune_in_two_processes(tmp_path):
     assert (run / "projector" / "model.safetensors").is_file() and (run / "image_encoder" / "encoder.json").is_file()
 
     finetune = run_stage(
-        tmp_path, "finetune", f"encoder.pretrained={run / 'image_encoder'}", f"model.projector_path={run / 'projector'}",
+        tmp_path,
+        "finetune",
+        f"encoder.pretrained={run / 'image_encoder'}",
+        f"model.projector_path={run / 'projector'}",
         "trainer.limit_test_batches=3",
     )
     assert "Starting with 2 processes" in finetune

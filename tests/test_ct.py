@@ -162,6 +162,7 @@ def test_missing_corrupt_and_empty_inputs(tmp_path):
     with pytest.raises(CorruptFileError, match="bad.zip: not a readable zip"):
         load_ct(tmp_path / "bad.zip")
 
+
 def test_a_truncated_file_is_named(tmp_path, truth):
     folder = tmp_path / "series"
     files = write_dicom_series(truth, folder, SPACING)

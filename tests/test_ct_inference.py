@@ -214,7 +214,7 @@ def test_demo_names_the_series_of_a_mixed_folder(tiny_models, tmp_path, capsys):
 
 
 def test_app_reads_a_zipped_dicom_series(tiny_models, raw_phantom, tmp_path):
-    from med3dvlm.app import VolumeApp
+    from med3dvlm.webui import VolumeApp
 
     clip = med3dvlm.load_model(tiny_models.clip_dir)
     app = VolumeApp(clip)
@@ -245,8 +245,29 @@ def test_data_check_lists_each_series_of_a_raw_study(tmp_path):
     assert "'AXIAL SOFT', 14 slices): 14 x 28 x 30 voxels (D x H x W), spacing 2 x 0.8 x 0.8 mm" in text
     assert any("a slice is missing" in p.message and files[5].name in p.message for p in report.problems)
     assert_no_patient_data(text)
-    command = [sys.executable, "-m", "med3dvlm.data.check", f"ct={study}", "series=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    command = [sys.executable, "-m", "med3dvlm.check", f"ct={study}", "series=2", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "AXIAL SOFT" in done.stdout and "GAPPY" not in done.stdout and "no problems found" in done.stdout
     assert_no_patient_data(done.stdout, done.stderr, (tmp_path / "run" / "check_report.json").read_text())
+
+
+def test_a_compressed_nifti_is_decoded_once_and_read_as_before(raw_phantom, tiny_models, monkeypatch):
+    """``.nii.gz`` input is decompressed once (it bounds batch inference), and still comes out as
+    ``load_ct`` gives raw CT and ``load_volume`` gives a prepared volume."""
+    import nibabel
+
+    from med3dvlm.api import read_input
+    from med3dvlm.data.ct import load_ct
+
+    expected_raw = load_ct(raw_phantom["nifti"]).volume
+    expected_prepared = load_volume(raw_phantom["prepared"])
+    calls = []
+    real_load = nibabel.load
+    monkeypatch.setattr(nibabel, "load", lambda *args, **kwargs: calls.append(args) or real_load(*args, **kwargs))
+    raw = read_input(raw_phantom["nifti"])
+    assert len(calls) == 1 and not raw.prepared
+    np.testing.assert_array_equal(raw.array[0], expected_raw)
+    prepared = read_input(raw_phantom["prepared"])
+    assert len(calls) == 2 and prepared.prepared
+    np.testing.assert_array_equal(prepared.array, expected_prepared)

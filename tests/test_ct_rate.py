@@ -66,7 +66,9 @@ def test_a_patient_never_lands_in_two_splits(trees):
         for entry in entries:
             split_of_patient.setdefault(patient_of(Path(entry["image"]).name), set()).add(split)
     assert all(len(splits) == 1 for splits in split_of_patient.values()), split_of_patient
-    assert {p for p, s in split_of_patient.items() if s == {"train"}} == {p for p in PATIENTS if p.startswith("train")} - {"train_6"}
+    assert {p for p, s in split_of_patient.items() if s == {"train"}} == {
+        p for p in PATIENTS if p.startswith("train")
+    } - {"train_6"}
     valid = {p: s.pop() for p, s in split_of_patient.items() if p.startswith("valid")}
     assert set(valid.values()) == {"validation", "test"}  # both carved from valid, by patient
     assert any("1 volume(s) listed in the reports but not under raw_dir" in note for note in summary.notes)
@@ -160,9 +162,9 @@ def test_stages_and_vqa_evaluation_run_on_the_prepared_root(trees, tmp_path):
     from hydra_helpers import CPU_TINY, compose_config, small_llm
     from omegaconf import open_dict
 
+    from med3dvlm.checkpoints.export import export_checkpoint
     from med3dvlm.data.preprocessing import Preprocessing, read_preprocessing
-    from med3dvlm.eval.app import evaluate
-    from med3dvlm.export import export_checkpoint
+    from med3dvlm.evaluation.evaluator import evaluate
     from med3dvlm.train import train
 
     _, root, _ = trees["hu"]
@@ -183,7 +185,9 @@ def test_stages_and_vqa_evaluation_run_on_the_prepared_root(trees, tmp_path):
     siglip_run = Path(siglip.paths.output_dir)
     _, exported = export_checkpoint(siglip_run / "checkpoints/last.ckpt", tmp_path / "siglip_export")
     assert read_preprocessing(exported) == Preprocessing(CT_RATE_HU_WINDOW, True, SHAPE)
-    zero_shot = compose_config("eval", ["eval=zero_shot", f"model_dir={exported}", f"data_root={root}"], tmp_path / "zs")
+    zero_shot = compose_config(
+        "eval", ["eval=zero_shot", f"model_dir={exported}", f"data_root={root}"], tmp_path / "zs"
+    )
     evaluate(zero_shot)
     zs_summary = json.loads((Path(zero_shot.paths.output_dir) / "zero_shot_summary.json").read_text())
     assert zs_summary["num_volumes"] == len(read_abnormality_labels(root, "test"))

@@ -22,13 +22,13 @@ from med3dvlm.data import (
     VolumeShapeError,
     VolumeTextDataset,
     collate_samples,
+    layout,
     load_volume,
     read_cap_json,
     read_vqa_csv,
     read_vqa_yes_no_csv,
     save_volume,
 )
-from med3dvlm.data import layout
 
 GOOD_ROW = [
     "volumes/case0.nii.gz", "report", "1", "What plane is this?",

@@ -16,7 +16,6 @@ from med3dvlm.data import (
 )
 from med3dvlm.data.m3d import parse_question_type
 
-
 # ------------------------------------------------------------------ volumes
 
 

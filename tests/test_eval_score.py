@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from hydra_helpers import compose_config
 
-from med3dvlm.eval.predictions import PredictionFileError, PredictionWriter, read_predictions
-from med3dvlm.eval.scoring import format_summary_table, score_predictions
+from med3dvlm.evaluation.predictions import PredictionFileError, PredictionWriter, read_predictions
+from med3dvlm.evaluation.scoring import format_summary_table, score_predictions
 from med3dvlm.metrics.text import BertScoreSettings, TextMetrics, meteor
 from med3dvlm.resolvers import package_data_path
 
@@ -106,7 +106,7 @@ def test_every_eval_suite_config_composes(tmp_path):
 
 
 def test_eval_score_writes_scores_summary_and_table(tmp_path, capsys):
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     predictions = _report_predictions(tmp_path)
     overrides = ["eval=score", f"predictions={predictions}", "eval.text_metrics.bertscore.batch_size=4"]
@@ -140,7 +140,7 @@ def test_eval_score_writes_scores_summary_and_table(tmp_path, capsys):
 
 
 def test_eval_score_infers_closed_vqa_and_needs_no_metric_models(tmp_path):
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     rows = [
         {"prediction": "A. Axial", "reference": "A. Axial", "question_type": 1, "answer_choice": "A"},
@@ -156,7 +156,7 @@ def test_eval_score_infers_closed_vqa_and_needs_no_metric_models(tmp_path):
 
 
 def test_eval_score_explains_missing_arguments(tmp_path):
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     with pytest.raises(ValueError, match="predictions=PATH"):
         evaluate(compose_config("eval", ["eval=score"], tmp_path))

@@ -8,10 +8,10 @@ import os
 import hydra
 import pytest
 import torch
+from hydra_helpers import CPU_TINY, compose_config, small_llm
 from torch import nn
 
 import med3dvlm
-from hydra_helpers import CPU_TINY, compose_config, small_llm
 from med3dvlm.models.vlm import VLM_CONFIG_FILE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -487,7 +487,7 @@ def test_released_clip_errors_name_the_key(released_clip, change, message):
 def test_retrieval_eval_runs_on_a_released_folder(released_clip, tiny_m3d_root, tmp_path):
     from hydra_helpers import compose_config
 
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     directory, _ = released_clip
     cfg = compose_config(

@@ -19,8 +19,12 @@ LINT = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imp
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     """``lint-imports`` on the package under ``root`` with the contracts of ``root/pyproject.toml``."""
     return subprocess.run(
-        [sys.executable, "-c", LINT], cwd=root, env={"PYTHONPATH": str(root), "PATH": ""},
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", LINT],
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -34,7 +38,7 @@ def test_an_upward_import_and_lightning_in_models_are_caught(tmp_path):
     shutil.copytree(REPO / "med3dvlm", tmp_path / "med3dvlm", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path)
     for module, line in {
-        "stages/vlm.py": "from med3dvlm.eval import generate",  # a stage reaching up into the evaluation
+        "stages/vlm.py": "from med3dvlm.evaluation import generate",  # a stage reaching up into the evaluation
         "models/losses.py": "import lightning",  # a plain nn.Module file depending on Lightning
         "data/layout.py": "import experiments.pipeline",  # the package importing a research script
     }.items():
@@ -43,6 +47,6 @@ def test_an_upward_import_and_lightning_in_models_are_caught(tmp_path):
     result = lint_imports(tmp_path)
     assert result.returncode == 1
     assert "0 kept, 3 broken" in result.stdout
-    assert "med3dvlm.stages.vlm -> med3dvlm.eval.generate" in result.stdout
+    assert "med3dvlm.stages.vlm -> med3dvlm.evaluation.generate" in result.stdout
     assert "med3dvlm.models.losses -> lightning" in result.stdout
     assert "med3dvlm.data.layout -> experiments" in result.stdout

@@ -136,9 +136,7 @@ def test_ddp_loss_and_gradients_equal_single_process(rank_results, name):
     image, text = (t.requires_grad_() for t in _features(sum(sizes), list(CASES).index(name)))
     loss_fn = factory().double()
     loss = loss_fn(image, text)
-    grad_image, grad_text, *grad_params = torch.autograd.grad(
-        loss, [image, text, *loss_fn.parameters()]
-    )
+    grad_image, grad_text, *grad_params = torch.autograd.grad(loss, [image, text, *loss_fn.parameters()])
 
     for rank, results in enumerate(rank_results):
         got = results[name]

@@ -184,9 +184,7 @@ def detect_plane(volume: np.ndarray) -> str:
     """From the body outline alone: it spans the whole superior-inferior axis, and is narrowest
     anterior-posterior (an elliptic cross-section)."""
     body = volume > 0.1
-    extent = [
-        float((body.mean(axis=tuple(b for b in range(3) if b != a)) > 0.05).mean()) for a in range(3)
-    ]
+    extent = [float((body.mean(axis=tuple(b for b in range(3) if b != a)) > 0.05).mean()) for a in range(3)]
     si, ap = int(np.argmax(extent)), int(np.argmin(extent))
     return {(0, 1): "Axial", (0, 2): "Axial", (1, 0): "Coronal", (1, 2): "Sagittal"}[(si, ap)]
 
@@ -215,9 +213,7 @@ def parse_location(answer: str) -> tuple[str, str | None, str | None]:
     return "spleen", None, level
 
 
-def region(
-    volume: np.ndarray, plane: str, key: str, side: str | None = None, level: str | None = None
-) -> np.ndarray:
+def region(volume: np.ndarray, plane: str, key: str, side: str | None = None, level: str | None = None) -> np.ndarray:
     """Voxels of an atlas organ; optionally the patient-right/left part and upper/lower part."""
     c, organ = atlas(volume.shape, plane), P.ANATOMY[key]
     q = sum(((c[n] - organ.center[i]) / organ.semi[i]) ** 2 for i, n in enumerate("xyz"))
@@ -276,8 +272,11 @@ def test_answers_and_report_match_the_image(root: Path) -> None:
             "Arterial phase": level > 0.88,
         }
         assert expected[phase], (case, level)
-        assert {"Non-contrast": "non-contrast", "Arterial phase": "arterial phase",
-                "Portal venous phase": "portal venous phase"}[phase] in report
+        assert {
+            "Non-contrast": "non-contrast",
+            "Arterial phase": "arterial phase",
+            "Portal venous phase": "portal venous phase",
+        }[phase] in report
         # Kind, at the stated location: its intensity signature is there, the others' are not.
         key, side, lvl = parse_location(case["location"])
         values = volume[region(volume, plane, key, side, lvl)]
@@ -373,35 +372,42 @@ def test_invalid_parameters_raise(tmp_path: Path, kwargs: dict) -> None:
     assert not (tmp_path / "bad").exists()
 
 
-def test_command_line(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "med3dvlm.data.phantoms"]
+def test_command_line(tmp_path: Path, capsys) -> None:
+    from med3dvlm.phantoms import main
+
+    command = [sys.executable, "-m", "med3dvlm.phantoms"]
     target = tmp_path / "cli"
     # Both at once: each start imports the package (several seconds on a CPU).
     help_run = subprocess.Popen([*command, "--help"], stdout=subprocess.PIPE, text=True)
     tiny_run = subprocess.Popen(
-        [*command, "--root", str(target), "--num-cases", "3", "--shape", "16", "32", "32", "--seed", "2",
-         "--format", "npy"],
-        stdout=subprocess.PIPE, text=True,
+        [*command, f"root={target}", "num_cases=3", "shape=[16,32,32]", "seed=2", "volume_format=npy"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     help_text, _ = help_run.communicate(timeout=120)
     out, _ = tiny_run.communicate(timeout=120)
     assert help_run.returncode == 0
-    for option in ("--root", "--num-cases", "--shape", "--seed", "--format", "--overwrite", "--if-missing"):
-        assert option in help_text
+    for key in ("root:", "num_cases:", "shape:", "seed:", "volume_format:", "overwrite:", "if_missing:"):
+        assert key in help_text
     assert tiny_run.returncode == 0 and len(out.strip().splitlines()) == 1 and "3 cases" in out
     assert len(list(target.rglob("volume.npy"))) == 3
+    assert sorted(p.name for p in Path.cwd().glob(".hydra")) == []  # a one-shot command writes no run folder
 
     # In-process for the rest: the same `main`, without paying the start-up again.
     mtimes = {n: p.stat().st_mtime_ns for n, p in all_files(target).items()}
-    args = ["--root", str(target), "--num-cases", "3", "--shape", "16", "32", "32", "--seed", "2"]
-    args += ["--format", "npy"]
-    assert P.main([*args, "--if-missing"]) == 0
+    args = [f"root={target}", "num_cases=3", "shape=[16,32,32]", "seed=2", "volume_format=npy"]
+    assert main([*args, "if_missing=true"]) == 0
     assert {n: p.stat().st_mtime_ns for n, p in all_files(target).items()} == mtimes
     before = {n: p.read_bytes() for n, p in all_files(target).items()}
-    assert P.main(args) == 0  # rewriting the same dataset is idempotent
+    assert main(args) == 0  # rewriting the same dataset is idempotent
     assert {n: p.read_bytes() for n, p in all_files(target).items()} == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "x").write_text("x")
-    assert P.main(["--root", str(foreign), "--num-cases", "3", "--shape", "16", "32", "32"]) == 2
-    assert P.main(["--root", str(foreign), "--shape", "8", "32", "32"]) == 2
+    capsys.readouterr()
+    assert main([f"root={foreign}", "num_cases=3", "shape=[16,32,32]"]) == 2
+    assert str(foreign) in capsys.readouterr().err
+    assert main([f"root={foreign}", "shape=[8,32,32]"]) == 2
+    assert "16" in capsys.readouterr().err  # the smallest size allowed is named
+    assert main([f"root={foreign}", "shape=[16,32]"]) == 2
+    assert "expected 3 numbers" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from hydra_helpers import compose_config
 
 import med3dvlm
 from med3dvlm.data.volumes import load_volume, save_volume
-from med3dvlm.eval.predictions import PredictionFileError
+from med3dvlm.evaluation.predictions import PredictionFileError
 from med3dvlm.models.contrastive import ContrastiveModel
 from med3dvlm.models.vlm import Med3DVLM
 from med3dvlm.predicting.data import PendingInput, share_of_rank
@@ -215,7 +215,7 @@ def test_report_and_answers_are_the_api_answers(tiny_models, scans, tmp_path):
 
 def test_zero_shot_gives_the_zero_shot_eval_probabilities(tiny_models, scans, tmp_path):
     from med3dvlm.data.ct_rate import ABNORMALITY_LABELS
-    from med3dvlm.eval.zero_shot import ZeroShotScorer
+    from med3dvlm.evaluation.zero_shot import ZeroShotScorer
 
     out = tmp_path / "labels.jsonl"
     predict(tmp_path, tiny_models.clip_checkpoint, scans, out, "task=zero_shot", "batch_size=3")

@@ -26,8 +26,8 @@ from PIL import Image
 from scipy import ndimage
 
 from med3dvlm.data import M3DCapDataModule, M3DVQADataModule, layout, load_volume
-from med3dvlm.data.ct import load_ct
 from med3dvlm.data import prepare as P
+from med3dvlm.data.ct import load_ct
 from med3dvlm.data.volumes import ENCODING_LEVELS
 
 SLICE_SHAPE = (20, 24)  # (H, W) of the raw slices

@@ -40,7 +40,9 @@ def test_scores_equal_the_summed_loss_of_the_training_path(rank, tiny_models):
             prompt_ids = vlm.tokenizer(prompt)["input_ids"]
             ids = vlm.tokenizer(f"{prompt} {answer}")["input_ids"] + [vlm.tokenizer.eos_token_id]
             labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
-            out = vlm(image[None], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([labels]))
+            out = vlm(
+                image[None], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([labels])
+            )
             assert score == pytest.approx(-out.loss.item() * out.num_label_tokens, rel=1e-4, abs=1e-4)
     assert scores[0] != pytest.approx(scores[1])
 
@@ -48,7 +50,10 @@ def test_scores_equal_the_summed_loss_of_the_training_path(rank, tiny_models):
 def test_runs_on_a_tiny_vlm_and_phantoms(rank, tiny_models, tmp_path, capsys):
     root = tiny_models.data_root
     out = tmp_path / "rank.json"
-    assert rank.main([str(tiny_models.vlm_dir), str(root), "--split", "train", "--max-questions", "6", "--json", str(out)]) == 0
+    assert (
+        rank.main([str(tiny_models.vlm_dir), str(root), "--split", "train", "--max-questions", "6", "--json", str(out)])
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["accuracy"]["overall"]["count"] == 6
     record = report["predictions"][0]

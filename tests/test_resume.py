@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra_helpers import CPU_TINY, compose_config
 from lightning.pytorch.callbacks import Callback
 
-from hydra_helpers import CPU_TINY, compose_config
 from med3dvlm.train import train
 
 pytestmark = pytest.mark.slow  # runs killed and resumed in subprocesses: make test-slow
@@ -36,12 +36,18 @@ class KillAfterStep(Callback):
 
 def resume_config(tmp_path: Path, run: str, *extra: str):
     overrides = [
-        "experiment=siglip", "debug=tiny", *CPU_TINY,
-        "trainer.max_epochs=2", "trainer.limit_train_batches=null", "trainer.limit_val_batches=0",
-        "test=false", "callbacks.model_checkpoint.monitor=null",
+        "experiment=siglip",
+        "debug=tiny",
+        *CPU_TINY,
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=null",
+        "trainer.limit_val_batches=0",
+        "test=false",
+        "callbacks.model_checkpoint.monitor=null",
         # the embedding cache fills in batch order, so float rounding would differ after a resume
         "text_encoder.module.cache_embeddings=false",
-        "+callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.encoder_export=null",
+        "+callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.encoder_export=null",
         *extra,
     ]
     cfg = compose_config("train", overrides, tmp_path / run)

@@ -35,9 +35,7 @@ def recalls_by_loop(image, text, ks):
         ranks = []
         for i in range(n):
             partner = dot(queries[i], candidates[i])
-            ranks.append(
-                sum(1 for j in range(n) if j != i and dot(queries[i], candidates[j]) >= partner)
-            )
+            ranks.append(sum(1 for j in range(n) if j != i and dot(queries[i], candidates[j]) >= partner))
         for k in ks:
             results[f"{direction}_R@{k}"] = sum(rank < k for rank in ranks) / n
     return results
@@ -100,9 +98,7 @@ def test_table_prints_percentages():
     image, text = integer_embeddings(120, width=6, seed=7)
     results = retrieval_protocol(image, text, sizes=(50, 100), ks=(1, 5))
     table = format_retrieval_table(results).splitlines()
-    assert table[0] == (
-        "| pairs | image->text R@1 | image->text R@5 | text->image R@1 | text->image R@5 |"
-    )
+    assert table[0] == ("| pairs | image->text R@1 | image->text R@5 | text->image R@1 | text->image R@5 |")
     assert len(table) == 4
     row = results[100]
     assert table[3] == "| 100 | " + " | ".join(f"{100 * v:.2f}" for v in row.values()) + " |"

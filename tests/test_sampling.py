@@ -19,7 +19,9 @@ def test_training_shards_are_equal_disjoint_and_interleave_the_single_process_or
     shards = [indices(ResumableSampler(size, seed=5, rank=r, world_size=world)) for r in range(world)]
     used = size - size % world
     assert {len(s) for s in shards} == {used // world}  # every process takes the same number of steps
-    assert [len(ResumableSampler(size, seed=5, rank=r, world_size=world)) for r in range(world)] == [used // world] * world
+    assert [len(ResumableSampler(size, seed=5, rank=r, world_size=world)) for r in range(world)] == [
+        used // world
+    ] * world
     for rank, shard in enumerate(shards):
         assert shard == single[:used][rank::world]
     assert sorted(i for s in shards for i in s) == sorted(single[:used])  # disjoint: no sample twice
@@ -44,7 +46,9 @@ def test_evaluation_shards_hold_every_sample_exactly_once(size):
     assert shards[0] + shards[1] != list(range(size)) or size < 2  # interleaved, not split in halves
     assert sorted(shards[0] + shards[1]) == list(range(size))
     assert shards[0] == list(range(0, size, 2)) and shards[1] == list(range(1, size, 2))
-    assert [len(ResumableSampler(size, shuffle=False, rank=r, world_size=2)) for r in range(2)] == [len(s) for s in shards]
+    assert [len(ResumableSampler(size, shuffle=False, rank=r, world_size=2)) for r in range(2)] == [
+        len(s) for s in shards
+    ]
 
 
 def test_without_a_process_group_the_sampler_is_the_whole_epoch():

@@ -10,9 +10,9 @@ import os
 import hydra
 import pytest
 import torch
+from hydra_helpers import CPU_TINY, compose_config, small_llm
 
 import med3dvlm.models.dcformer as dcformer_module
-from hydra_helpers import CPU_TINY, compose_config, small_llm
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.encoders import SPEED_OPTIONS
 from med3dvlm.models.llm import is_gradient_checkpointing

@@ -217,7 +217,7 @@ def test_meteor_uses_wordnet_synonyms_only_when_installed(reports, wordnet):
 
 def test_wordnet_setup_builds_a_tree_nltk_reads(tmp_path, wordnet):
     """The generated lexnames must agree with the lex_filenum of WordNet's own data files."""
-    from med3dvlm.eval.wordnet_setup import DEBIAN_WORDNET_DIR, build_nltk_wordnet, lexnames_text
+    from med3dvlm.metrics.wordnet import DEBIAN_WORDNET_DIR, build_nltk_wordnet, lexnames_text
 
     folder = build_nltk_wordnet(DEBIAN_WORDNET_DIR, tmp_path / "nltk_data")
     assert folder == tmp_path / "nltk_data" / "corpora" / "wordnet"
@@ -238,11 +238,13 @@ def test_wordnet_setup_builds_a_tree_nltk_reads(tmp_path, wordnet):
 
 
 def test_wordnet_setup_names_the_debian_packages_when_files_are_missing(tmp_path):
-    from med3dvlm.eval.wordnet_setup import build_nltk_wordnet, main
+    from med3dvlm.metrics.wordnet import build_nltk_wordnet
+    from med3dvlm.wordnet import main
 
     with pytest.raises(FileNotFoundError, match="wordnet-base wordnet-sense-index"):
         build_nltk_wordnet(tmp_path, tmp_path / "out")
-    assert main(["--source", str(tmp_path), "--target", str(tmp_path / "out")]) == 1
+    assert main([f"source={tmp_path}", f"target={tmp_path / 'out'}"]) == 2
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_wordnet_is_reported_or_refused(tmp_path, monkeypatch):

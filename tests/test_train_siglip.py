@@ -11,9 +11,9 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from hydra_helpers import CPU_TINY, compose_config
 from omegaconf import open_dict
 
-from hydra_helpers import CPU_TINY, compose_config
 from med3dvlm.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -88,7 +88,7 @@ def test_fast_dev_run(tmp_path):
 
 
 def test_tiny_run_trains_tests_and_hands_off_the_encoder(tmp_path, capsys):
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
     from med3dvlm.models import build_encoder
 
     cfg = tiny_config(tmp_path, "callbacks.model_checkpoint.monitor=null")
@@ -108,10 +108,10 @@ def test_tiny_run_trains_tests_and_hands_off_the_encoder(tmp_path, capsys):
         build_encoder(name="dcformer", variant="small", pretrained=str(run / "image_encoder"))
 
     # the data root's preprocessing record travels in the checkpoint and into the export
+    from med3dvlm.checkpoints import CONFIG_CHECKPOINT_KEY
+    from med3dvlm.checkpoints.export import export_checkpoint
     from med3dvlm.data.phantoms import phantom_preprocessing
     from med3dvlm.data.preprocessing import read_preprocessing
-    from med3dvlm.export import export_checkpoint
-    from med3dvlm.checkpoints import CONFIG_CHECKPOINT_KEY
 
     phantoms = phantom_preprocessing(cfg.data.phantom.shape)
     assert last[CONFIG_CHECKPOINT_KEY]["data"]["preprocessing"] == phantoms.to_dict()
@@ -119,7 +119,9 @@ def test_tiny_run_trains_tests_and_hands_off_the_encoder(tmp_path, capsys):
     assert read_preprocessing(exported) == phantoms
 
     # the eval app rebuilds model and data from the checkpoint alone
-    eval_cfg = compose_config("eval", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "accelerator=cpu"], tmp_path / "eval")
+    eval_cfg = compose_config(
+        "eval", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "accelerator=cpu"], tmp_path / "eval"
+    )
     eval_results = evaluate(eval_cfg)
     assert json.loads((Path(eval_cfg.paths.output_dir) / "retrieval.json").read_text())["results"]
     assert set(eval_results) == {int(k) for k in results}
@@ -135,9 +137,18 @@ def test_nan_loss_stops_the_run_with_a_clear_message(tmp_path):
 def test_hydra_multirun_runs_two_jobs(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [
-        sys.executable, "-m", "med3dvlm.train", "-m", "experiment=siglip", *TINY,
-        "train=true", "test=false", "seed=1,2", f"paths.log_dir={tmp_path / 'logs'}",
-        f"paths.data_dir={tmp_path / 'data'}", "hydra.sweep.dir=" + str(tmp_path / "sweep"),
+        sys.executable,
+        "-m",
+        "med3dvlm.train",
+        "-m",
+        "experiment=siglip",
+        *TINY,
+        "train=true",
+        "test=false",
+        "seed=1,2",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "hydra.sweep.dir=" + str(tmp_path / "sweep"),
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -153,8 +164,15 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run_dir = tmp_path / "run"
     command = [
-        sys.executable, "-m", "med3dvlm.train", "experiment=siglip", *TINY, "strategy=ddp",
-        "trainer.devices=2", f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path / 'data'}",
+        sys.executable,
+        "-m",
+        "med3dvlm.train",
+        "experiment=siglip",
+        *TINY,
+        "strategy=ddp",
+        "trainer.devices=2",
+        f"hydra.run.dir={run_dir}",
+        f"paths.data_dir={tmp_path / 'data'}",
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr

@@ -10,8 +10,8 @@ import os
 import hydra
 import pytest
 import torch
-
 from hydra_helpers import CPU_TINY, compose_config, small_llm
+
 from med3dvlm.models.llm import IMAGE_TOKEN, add_image_token_embeddings, load_language_model, load_tokenizer
 from med3dvlm.models.vlm import (
     IGNORE_INDEX,
@@ -98,7 +98,9 @@ def test_image_features_land_exactly_on_the_placeholders(vlm, bos, side):
         features = vlm.encode_images(images)
         plain = vlm.language_model.get_input_embeddings()(input_ids)
     assert features.shape == (3, vlm.num_image_tokens, 32)
-    torch.testing.assert_close(spliced, reference_splice(plain, input_ids, vlm.image_token_id, features), rtol=0, atol=0)
+    torch.testing.assert_close(
+        spliced, reference_splice(plain, input_ids, vlm.image_token_id, features), rtol=0, atol=0
+    )
     text = input_ids != vlm.image_token_id
     torch.testing.assert_close(spliced[text], plain[text], rtol=0, atol=0)  # everything else untouched
     assert not torch.equal(features[0], features[1])  # distinct volumes give distinct features
@@ -213,8 +215,15 @@ def test_left_align_moves_right_padding_to_the_left():
 def collator_items(vlm, answers):
     images = volumes(vlm, len(answers))
     return [
-        {"image": images[i], "prompt": q, "answer": a, "task": "vqa_closed", "question_type": "Plane",
-         "answer_choice": "A", "source": f"test.csv:row {i + 2}"}
+        {
+            "image": images[i],
+            "prompt": q,
+            "answer": a,
+            "task": "vqa_closed",
+            "question_type": "Plane",
+            "answer_choice": "A",
+            "source": f"test.csv:row {i + 2}",
+        }
         for i, (q, a) in enumerate(zip(QUESTIONS, answers))
     ]
 

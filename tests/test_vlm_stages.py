@@ -11,10 +11,10 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from hydra_helpers import CPU_TINY, compose_config, small_llm
 from omegaconf import open_dict
 
 import med3dvlm
-from hydra_helpers import CPU_TINY, compose_config, small_llm
 from med3dvlm.metrics.vqa import closed_answer_is_correct, closed_vqa_accuracy
 from med3dvlm.models.encoders import save_pretrained_encoder
 from med3dvlm.models.vlm import load_pretrained_projector, save_pretrained_projector
@@ -27,7 +27,9 @@ SMALL_LLM = small_llm(layers=1)
 
 
 def stage_config(tmp_path, experiment, *overrides):
-    return compose_config("train", [f"experiment={experiment}", "debug=tiny", *CPU_TINY, *SMALL_LLM, *overrides], tmp_path)
+    return compose_config(
+        "train", [f"experiment={experiment}", "debug=tiny", *CPU_TINY, *SMALL_LLM, *overrides], tmp_path
+    )
 
 
 def build_stage(tmp_path, experiment, *overrides):
@@ -56,7 +58,9 @@ def test_finetune_trains_lora_encoder_projector_embeddings_and_lm_head(tmp_path)
     model = module.model
     expected = {f"image_encoder.{n}" for n, _ in model.image_encoder.named_parameters()}
     expected |= {f"projector.{n}" for n, _ in model.projector.named_parameters()}
-    lora = {f"language_model.{n}" for n, _ in model.language_model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    lora = {
+        f"language_model.{n}" for n, _ in model.language_model.named_parameters() if ".lora_A." in n or ".lora_B." in n
+    }
     expected |= lora
     embedding = model.base_language_model().get_input_embeddings().weight
     lm_head = model.base_language_model().get_output_embeddings().weight
@@ -72,7 +76,9 @@ def test_finetune_trains_lora_encoder_projector_embeddings_and_lm_head(tmp_path)
 
 
 def test_embedding_lr_gives_the_embeddings_and_lm_head_their_own_adamw_step(tmp_path):
-    module = build_stage(tmp_path, "finetune", "model.optimizer.lr=1e-3", "model.embedding_lr=1e-5", "model.vision_lr=null")
+    module = build_stage(
+        tmp_path, "finetune", "model.optimizer.lr=1e-3", "model.embedding_lr=1e-5", "model.vision_lr=null"
+    )
     embedding = module.model.base_language_model().get_input_embeddings().weight
     optimizer = module.optimizer_factory(module.parameter_groups())
     rest, embeddings = optimizer.param_groups
@@ -130,7 +136,9 @@ def test_fit_start_puts_the_trained_parts_in_train_mode(tmp_path):
 
 def test_freeze_encoder_batchnorm_keeps_stage1_statistics_while_the_encoder_trains(tmp_path):
     for freeze in (True, False):
-        module = build_stage(tmp_path / str(freeze), "finetune", f"model.freeze_encoder_batchnorm={str(freeze).lower()}")
+        module = build_stage(
+            tmp_path / str(freeze), "finetune", f"model.freeze_encoder_batchnorm={str(freeze).lower()}"
+        )
         module.on_fit_start()
         encoder = module.model.image_encoder
         norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -182,7 +190,10 @@ def test_every_vlm_experiment_composes_and_instantiates(experiment, tmp_path):
     assert cfg.model.stage == experiment.split("_")[0]
     assert cfg.trainer.gradient_clip_val == 1.0  # the HF Trainer default the released scripts train with
     if experiment.endswith("paper"):  # SPEC §5 recipes
-        mixture = {"pretrain": ["caption", "vqa_closed", "vqa_open"], "finetune": ["caption", "vqa_closed", "vqa_open", "vqa_yes_no"]}
+        mixture = {
+            "pretrain": ["caption", "vqa_closed", "vqa_open"],
+            "finetune": ["caption", "vqa_closed", "vqa_open", "vqa_yes_no"],
+        }
         assert list(cfg.data.datamodule.tasks) == mixture[cfg.model.stage]
         recipe = {"pretrain": (1e-4, 16, 3), "finetune": (5e-5, 8, 5)}[cfg.model.stage]
         assert cfg.trainer.limit_train_batches is None and cfg.trainer.limit_val_batches is None
@@ -254,8 +265,12 @@ def test_closed_vqa_accuracy_per_type_and_overall():
 # -- the pipeline on tiny phantoms ----------------------------------------------------------------
 def pipeline_config(tmp_path, run, experiment, *overrides):
     cfg = stage_config(
-        tmp_path / run, experiment, "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-        "callbacks.model_checkpoint.monitor=null", *overrides,
+        tmp_path / run,
+        experiment,
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "callbacks.model_checkpoint.monitor=null",
+        *overrides,
     )
     with open_dict(cfg):
         cfg.paths.data_dir = str(tmp_path / "data")  # both stages share one phantom set
@@ -268,7 +283,7 @@ def pipeline_config(tmp_path, run, experiment, *overrides):
 
 def test_pretrain_then_finetune_then_export_on_tiny_phantoms(tmp_path, capsys):
     from med3dvlm.checkpoints import load_stage_checkpoint
-    from med3dvlm.export import export_vlm
+    from med3dvlm.checkpoints.export import export_vlm
     from med3dvlm.train import train
 
     stage1 = build_stage(tmp_path / "stage1", "pretrain").model.image_encoder  # stands in for a siglip run
@@ -280,8 +295,11 @@ def test_pretrain_then_finetune_then_export_on_tiny_phantoms(tmp_path, capsys):
     assert (pretrain_run / "projector" / "model.safetensors").exists()
 
     finetune = pipeline_config(
-        tmp_path, "finetune", "finetune",
-        f"encoder.pretrained={pretrain_run / 'image_encoder'}", f"model.projector_path={pretrain_run / 'projector'}",
+        tmp_path,
+        "finetune",
+        "finetune",
+        f"encoder.pretrained={pretrain_run / 'image_encoder'}",
+        f"model.projector_path={pretrain_run / 'projector'}",
     )
     metrics = train(finetune)
     finetune_run = Path(finetune.paths.output_dir)
@@ -298,5 +316,6 @@ def test_pretrain_then_finetune_then_export_on_tiny_phantoms(tmp_path, capsys):
     images = torch.rand(2, 1, *loaded.image_size, generator=torch.Generator().manual_seed(0))
     input_ids, mask = loaded.tokenize_prompts(["Which organ contains the lesion?", "What is the phase?"])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(images, input_ids, mask).logits, unmerged(images, input_ids, mask).logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            loaded(images, input_ids, mask).logits, unmerged(images, input_ids, mask).logits, rtol=1e-4, atol=1e-4
+        )

@@ -6,8 +6,8 @@ from statistics import fmean
 
 import pytest
 
-from med3dvlm.eval.predictions import PredictionFileError
-from med3dvlm.eval.scoring import format_summary_table, score_predictions
+from med3dvlm.evaluation.predictions import PredictionFileError
+from med3dvlm.evaluation.scoring import format_summary_table, score_predictions
 from med3dvlm.metrics.text import TextMetrics, rouge_f
 from med3dvlm.metrics.vqa import closed_answer_is_correct, closed_vqa_accuracy, parse_choice, score_closed_answer
 
@@ -107,7 +107,6 @@ def test_closed_summary_per_question_type_matches_hand_counts():
     assert table[-1] == "| Overall | 7 | 57.14 | 57.14 |"
 
 
-
 def test_stage_3_test_report_and_the_evaluator_count_question_types_alike():
     """The stage's test report (closed_vqa_accuracy) and eval=vqa_closed (score_predictions) share one
     per-type aggregation: same types, same table order (SPEC §6, then 3D-RAD's tasks)."""
@@ -132,7 +131,8 @@ def test_stage_3_test_report_and_the_evaluator_count_question_types_alike():
     for name, (accuracy, count) in hand.items():
         assert stage[name] == {"accuracy": accuracy, "count": count}
         assert (summary["by_question_type"][name]["accuracy"], summary["by_question_type"][name]["count"]) == (
-            accuracy, count,
+            accuracy,
+            count,
         )
     assert stage["overall"] == {"accuracy": 0.6, "count": 5}
     assert summary["overall"]["accuracy"] == 0.6
@@ -140,6 +140,7 @@ def test_stage_3_test_report_and_the_evaluator_count_question_types_alike():
     unnamed = [{"question_type": None, "correct": True}, {"question_type": "Zeta", "correct": False}]
     other = closed_vqa_accuracy([*records, *unnamed])
     assert list(other["accuracy"]) == [*order, "Unknown", "Zeta", "overall"]
+
 
 def test_open_summary_averages_per_sample_library_values_per_type():
     rows = [

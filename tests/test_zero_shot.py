@@ -1,4 +1,4 @@
-"""Zero-shot abnormality classification (``med3dvlm.eval.zero_shot``, ``eval=zero_shot``): probabilities
+"""Zero-shot abnormality classification (``med3dvlm.evaluation.zero_shot``, ``eval=zero_shot``): probabilities
 against a hand computation from the model's own embeddings, metrics against scikit-learn, the entry
 point's files, and its errors."""
 
@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 import med3dvlm
 from med3dvlm.data.ct_rate import ABNORMALITY_LABELS
-from med3dvlm.eval.zero_shot import (
+from med3dvlm.evaluation.zero_shot import (
     DEFAULT_LOGIT_SCALE,
     DEFAULT_THRESHOLD,
     PROMPT_TEMPLATES,
@@ -161,7 +161,7 @@ def eval_config(tmp_path: Path, *overrides: str):
 
 
 def test_eval_entry_point_writes_predictions_summary_and_table(tiny_models, clip, labelled_root, tmp_path, capsys):
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     root, volumes, targets = labelled_root
     cfg = eval_config(tmp_path / "export", f"model_dir={tiny_models.clip_dir}", f"data_root={root}")
@@ -204,7 +204,7 @@ def test_eval_entry_point_writes_predictions_summary_and_table(tiny_models, clip
 def test_eval_errors_name_the_problem(tiny_models, labelled_root, tmp_path):
     from med3dvlm.checkpoints import CONFIG_CHECKPOINT_KEY
     from med3dvlm.data.errors import MissingFileError
-    from med3dvlm.eval.app import evaluate
+    from med3dvlm.evaluation.evaluator import evaluate
 
     root, _, _ = labelled_root
     empty = tmp_path / "no_labels"

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import OmegaConf
-
 from hydra_helpers import CPU_TINY, compose_config, small_llm
+from omegaconf import OmegaConf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,7 +86,7 @@ def write_vlm(tmp_path: Path) -> Path:
 
 
 def build_tiny_models(tmp_path: Path) -> TinyModels:
-    from med3dvlm.export import export_checkpoint
+    from med3dvlm.checkpoints.export import export_checkpoint
 
     volumes, reports = phantom_volumes(tmp_path / "phantoms")
     checkpoint = write_clip_checkpoint(tmp_path / "clip_work")

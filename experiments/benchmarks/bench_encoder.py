@@ -66,11 +66,7 @@ def build_models(args: Any, device: torch.device) -> dict[str, torch.nn.Module]:
 def flops_per_volume(name: str, args: Any, backward: bool) -> float:
     """Matmul + convolution FLOPs of one volume, counted on the meta device (nothing computed)."""
     with torch.device("meta"):
-        model = (
-            DCFormer(args.variant)
-            if name == "dcformer"
-            else build_encoder("vit3d", **vit_options(args))
-        )
+        model = DCFormer(args.variant) if name == "dcformer" else build_encoder("vit3d", **vit_options(args))
         volume = torch.empty(1, 1, *args.shape)
     model.eval()  # the counted FLOPs do not depend on the BatchNorm mode; eval allows one volume
 
@@ -114,7 +110,9 @@ def forward_variants(models: dict[str, torch.nn.Module], args: Any) -> dict[str,
 def run_forward(models, args, volume, peak_gflops, flops) -> list[dict[str, Any]]:
     variants = forward_variants(models, args)
     with torch.no_grad():
-        references = {name: model(volume) for name, model in (("dcformer", models["dcformer"]), ("vit3d", models["vit3d"]))}
+        references = {
+            name: model(volume) for name, model in (("dcformer", models["dcformer"]), ("vit3d", models["vit3d"]))
+        }
         rows, calls = [], {}
         for label, (model_name, module, extra) in variants.items():
             start = time.perf_counter()
@@ -203,10 +201,17 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> int:
     parser = harness.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
-    parser.add_argument("--batch", type=int, default=None, help="volumes per call (default 1; 2 with --quick, as\n"
-                        "train-mode BatchNorm needs more than one value per channel at the 1x1x1 last grid)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="volumes per call (default 1; 2 with --quick, as\n"
+        "train-mode BatchNorm needs more than one value per channel at the 1x1x1 last grid)",
+    )
     parser.add_argument("--variant", default="small", help="DCFormer variant (default small, the paper's)")
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile row (compiles for minutes on a CPU)")
+    parser.add_argument(
+        "--compile", action="store_true", help="add a torch.compile row (compiles for minutes on a CPU)"
+    )
     parser.add_argument("--skip-train", action="store_true", help="forward rows only")
     args = parser.parse_args(argv)
     harness.configure(args, default_repeats=3)
@@ -225,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     forward_flops = {name: flops_per_volume(name, args, backward=False) for name in models}
     train_flops = {name: flops_per_volume(name, args, backward=True) for name in models}
     for name in models:
-        print(f"{name}: {forward_flops[name] / 1e9:.1f} GFLOP forward, {train_flops[name] / 1e9:.1f} GFLOP forward+backward per volume")
+        print(
+            f"{name}: {forward_flops[name] / 1e9:.1f} GFLOP forward, {train_flops[name] / 1e9:.1f} GFLOP forward+backward per volume"
+        )
 
     forward_rows = run_forward(models, args, volume, peak_gflops, forward_flops)
     harness.print_table(f"forward, eval mode (DCFormer-{args.variant}; x plain = speed-up over the plain module)",

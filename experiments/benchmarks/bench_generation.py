@@ -51,8 +51,12 @@ def generate_all(model, volumes: torch.Tensor, questions: list[str], batch_size:
 
 def main(argv: list[str] | None = None) -> int:
     parser = harness.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=None, help="questions answered per setting (default 16; 4 with --quick)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sample (default 32; 4 with --quick)")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="questions answered per setting (default 16; 4 with --quick)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="tokens generated per sample (default 32; 4 with --quick)"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 4 16 (1 4 with --quick)")
     args = parser.parse_args(argv)
     harness.configure(args, default_repeats=2)
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     answers: dict[int, list[str]] = {}
     calls = {}
     for size in args.batch_sizes:
+
         def call(size=size) -> None:
             answers[size] = generate_all(model, volumes, questions, size, args.new_tokens)
 

@@ -53,9 +53,13 @@ def one_pass(module) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = harness.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=None, help="phantom cases (default 16; 6 with --quick); ~70%% train")
+    parser.add_argument(
+        "--cases", type=int, default=None, help="phantom cases (default 16; 6 with --quick); ~70%% train"
+    )
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
-    parser.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers to try (default 0 2; 0 with --quick)")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=None, help="DataLoader workers to try (default 0 2; 0 with --quick)"
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the phantoms (default: a temp folder)")
     args = parser.parse_args(argv)

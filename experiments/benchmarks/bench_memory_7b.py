@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                                     config.num_key_value_heads, 2, LORA_RANK)  # fmt: skip
     if peft_lora != formula_small:
         raise AssertionError(f"LoRA formula {formula_small} != peft's {peft_lora} on the small model")
-    lora_7b = lora_parameters(QWEN7B_HIDDEN, QWEN7B_INTERMEDIATE, QWEN7B_HEADS, QWEN7B_KV_HEADS, QWEN7B_LAYERS, LORA_RANK)
+    lora_7b = lora_parameters(
+        QWEN7B_HIDDEN, QWEN7B_INTERMEDIATE, QWEN7B_HEADS, QWEN7B_KV_HEADS, QWEN7B_LAYERS, LORA_RANK
+    )
 
     # -- LLM activations per token and layer ---------------------------------------------------------
     measured: dict[str, Any] = {"lora_params_small_model": peft_lora}
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             one, two = (decoder_activations(width, depth, sequence, checkpointing) for depth in (1, 2))
             per_layer[checkpointing][width] = (two - one) / sequence
     measured["llm_bytes_per_token_per_layer"] = {
-        ("checkpointing" if c else "plain"): {str(w): v for w, v in by_width.items()} for c, by_width in per_layer.items()
+        ("checkpointing" if c else "plain"): {str(w): v for w, v in by_width.items()}
+        for c, by_width in per_layer.items()
     }
     scale = QWEN7B_HIDDEN / widths[-1]
     llm_tokens = BATCH * SEQUENCE * QWEN7B_LAYERS
@@ -221,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     encoder: dict[str, dict[str, int]] = {}
     fits: dict[str, tuple[float, float]] = {}
     voxels = [shape[0] * shape[1] * shape[2] for shape in volumes]
-    for label, bf16, checkpointing in (("fp32", False, False), ("bf16", True, False), ("bf16 + checkpointing", True, True)):
+    for label, bf16, checkpointing in (
+        ("fp32", False, False),
+        ("bf16", True, False),
+        ("bf16 + checkpointing", True, True),
+    ):
         peaks = [encoder_peak(shape, bf16, checkpointing) for shape in volumes]
         encoder[label] = {"x".join(map(str, shape)): peak for shape, peak in zip(volumes, peaks)}
         per_voxel = (peaks[1] - peaks[0]) / (ENCODER_BATCH * (voxels[1] - voxels[0]))
@@ -236,15 +243,23 @@ def main(argv: list[str] | None = None) -> int:
     trainable = lora_7b + DCFORMER_SMALL_PARAMS + MIXER_PARAMS + 2 * embeddings
     fixed = [
         Line("LLM weights, bf16", f"{QWEN7B_PARAMS / 1e9:.1f}e9 x 2 B", QWEN7B_PARAMS * 2 / GB),
-        Line("trainable: LoRA + DCFormer + Mixer + embeddings + LM head",
-             f"({lora_7b / 1e6:.1f} + {DCFORMER_SMALL_PARAMS / 1e6:.1f} + {MIXER_PARAMS / 1e6:.1f} + 2 x {embeddings / 1e6:.1f})e6"
-             f" = {trainable / 1e9:.3f}e9 x {TRAINABLE_BYTES} B (fp32 master, grad, AdamW m, v)",
-             trainable * TRAINABLE_BYTES / GB),
-        Line("LM head + fp32 loss on <= 512 label tokens",
-             f"{BATCH} x {TEXT_TOKENS} x {head_7b / 1e6:.2f} MB (peak, measured {head_small / 1e6:.2f} MB/token at width "
-             f"{widths[0]}, + 2 B x {QWEN7B_HIDDEN - widths[0]})", BATCH * TEXT_TOKENS * head_7b / GB),
-        Line("Mixer activations, bf16 autocast", f"{BATCH} x {mixer_bytes / 1e6:.1f} MB (measured at full size)",
-             BATCH * mixer_bytes / GB),
+        Line(
+            "trainable: LoRA + DCFormer + Mixer + embeddings + LM head",
+            f"({lora_7b / 1e6:.1f} + {DCFORMER_SMALL_PARAMS / 1e6:.1f} + {MIXER_PARAMS / 1e6:.1f} + 2 x {embeddings / 1e6:.1f})e6"
+            f" = {trainable / 1e9:.3f}e9 x {TRAINABLE_BYTES} B (fp32 master, grad, AdamW m, v)",
+            trainable * TRAINABLE_BYTES / GB,
+        ),
+        Line(
+            "LM head + fp32 loss on <= 512 label tokens",
+            f"{BATCH} x {TEXT_TOKENS} x {head_7b / 1e6:.2f} MB (peak, measured {head_small / 1e6:.2f} MB/token at width "
+            f"{widths[0]}, + 2 B x {QWEN7B_HIDDEN - widths[0]})",
+            BATCH * TEXT_TOKENS * head_7b / GB,
+        ),
+        Line(
+            "Mixer activations, bf16 autocast",
+            f"{BATCH} x {mixer_bytes / 1e6:.1f} MB (measured at full size)",
+            BATCH * mixer_bytes / GB,
+        ),
         Line("framework margin (assumed)", "CUDA context, workspaces, fragmentation", MARGIN_GB),
     ]
     llm_plain = per_layer[False][widths[-1]] * scale
@@ -253,14 +268,21 @@ def main(argv: list[str] | None = None) -> int:
         "LLM activations, no checkpointing": Line(
             "LLM activations, no checkpointing",
             f"{BATCH} x {SEQUENCE} tokens x {QWEN7B_LAYERS} layers x {llm_plain / 1e3:.1f} kB "
-            f"({per_layer[False][widths[-1]] / 1e3:.2f} kB at width {widths[-1]} x {scale:.0f})", llm_tokens * llm_plain / GB),
+            f"({per_layer[False][widths[-1]] / 1e3:.2f} kB at width {widths[-1]} x {scale:.0f})",
+            llm_tokens * llm_plain / GB,
+        ),
         "LLM activations, HF gradient checkpointing": Line(
             "LLM activations, HF gradient checkpointing",
             f"{BATCH} x {SEQUENCE} x {QWEN7B_LAYERS} x {llm_ckpt / 1e3:.2f} kB + one layer recomputed "
             f"({BATCH} x {SEQUENCE} x {llm_plain / 1e3:.1f} kB)",
-            (llm_tokens * llm_ckpt + BATCH * SEQUENCE * llm_plain) / GB),
+            (llm_tokens * llm_ckpt + BATCH * SEQUENCE * llm_plain) / GB,
+        ),
     }
-    for label, title in (("fp32", "fp32"), ("bf16", "bf16 autocast"), ("bf16 + checkpointing", "bf16 + stage checkpointing")):
+    for label, title in (
+        ("fp32", "fp32"),
+        ("bf16", "bf16 autocast"),
+        ("bf16 + checkpointing", "bf16 + stage checkpointing"),
+    ):
         fixed_bytes, per_voxel = fits[label]
         variable[f"DCFormer activations, {label}"] = Line(
             f"DCFormer fwd+bwd peak, {title}",
@@ -271,19 +293,28 @@ def main(argv: list[str] | None = None) -> int:
     plans = {
         "no checkpointing (bf16 autocast)": ["LLM activations, no checkpointing", "DCFormer activations, bf16"],
         "LLM gradient checkpointing": ["LLM activations, HF gradient checkpointing", "DCFormer activations, bf16"],
-        "LLM + DCFormer checkpointing": ["LLM activations, HF gradient checkpointing", "DCFormer activations, bf16 + checkpointing"],
+        "LLM + DCFormer checkpointing": [
+            "LLM activations, HF gradient checkpointing",
+            "DCFormer activations, bf16 + checkpointing",
+        ],
     }
-    print("\nper-component measurements (LLM: bytes alive after the forward pass; DCFormer: peak over forward"
-          " + backward, less parameter gradients):")
+    print(
+        "\nper-component measurements (LLM: bytes alive after the forward pass; DCFormer: peak over forward"
+        " + backward, less parameter gradients):"
+    )
     for c, label in ((False, "plain"), (True, "HF gradient checkpointing")):
         values = ", ".join(f"{per_layer[c][w] / 1e3:.2f} kB at width {w}" for w in widths)
-        print(f"  LLM per token per layer, {label}: {values} (x{per_layer[c][widths[-1]] / per_layer[c][widths[0]]:.2f} for x{widths[-1] // widths[0]} width)")
+        print(
+            f"  LLM per token per layer, {label}: {values} (x{per_layer[c][widths[-1]] / per_layer[c][widths[0]]:.2f} for x{widths[-1] // widths[0]} width)"
+        )
     for label, values in encoder.items():
         shapes = list(values)
         print(f"  DCFormer-small, {ENCODER_BATCH} volumes, {label}: "
               + ", ".join(f"{values[s] / 1e6:.0f} MB at {s}" for s in shapes))  # fmt: skip
     print(f"  Mixer (paper sizes, {mixer_params:,} parameters): {mixer_bytes / 1e6:.1f} MB per sample")
-    print(f"  LM head + loss, forward + backward peak: {head_small / 1e6:.2f} MB per label token; LoRA formula = peft count ({peft_lora:,}) on the small model")
+    print(
+        f"  LM head + loss, forward + backward peak: {head_small / 1e6:.2f} MB per label token; LoRA formula = peft count ({peft_lora:,}) on the small model"
+    )
     rows = [line.__dict__ for line in fixed] + [line.__dict__ for line in variable.values()]
     harness.print_table(f"stage-3 memory terms, batch {BATCH}, {SEQUENCE} tokens ({IMAGE_TOKENS} image + {TEXT_TOKENS} text)",
                         rows, [("item", "item", ""), ("gb", "GB", ".1f"), ("arithmetic", "arithmetic", "")])  # fmt: skip
@@ -291,10 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     totals = []
     for plan, keys in plans.items():
         total = fixed_gb + sum(variable[key].gb for key in keys)
-        totals.append({"configuration": plan, "total_gb": total, "fits_80gb": "yes" if total <= GPU_MEMORY_GB else "no"})
+        totals.append(
+            {"configuration": plan, "total_gb": total, "fits_80gb": "yes" if total <= GPU_MEMORY_GB else "no"}
+        )
     harness.print_table(f"totals (fixed terms {fixed_gb:.1f} GB + activations)", totals,
                         [("configuration", "configuration", ""), ("total_gb", "GB", ".1f"), ("fits_80gb", f"<= {GPU_MEMORY_GB:.0f} GB", "")])  # fmt: skip
-    results = {"measured": measured, "terms": rows, "totals": totals, "lora_params_7b": lora_7b, "trainable_params": trainable}
+    results = {
+        "measured": measured,
+        "terms": rows,
+        "totals": totals,
+        "lora_params_7b": lora_7b,
+        "trainable_params": trainable,
+    }
     harness.write_json(args, NAME, results, info)
     return 0
 

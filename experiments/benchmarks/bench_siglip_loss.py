@@ -42,7 +42,9 @@ def forward_backward(loss: SigLipLoss, image: torch.Tensor, text: torch.Tensor) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = harness.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1024 4096 8192 (64 256 with --quick)")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help="default 1024 4096 8192 (64 256 with --quick)"
+    )
     parser.add_argument("--chunk-size", type=int, default=None, help="texts per block (default 256; 32 with --quick)")
     args = parser.parse_args(argv)
     harness.configure(args, default_repeats=3)
@@ -58,13 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(0)
     for n in args.batch_sizes:
         image, text = features(n, generator, device)
-        losses = {"full": SigLipLoss().to(device), "chunked": SigLipLoss(chunked=True, chunk_size=args.chunk_size).to(device)}
+        losses = {
+            "full": SigLipLoss().to(device),
+            "chunked": SigLipLoss(chunked=True, chunk_size=args.chunk_size).to(device),
+        }
         results, peaks = {}, {}
         for name, loss in losses.items():
             results[name] = forward_backward(loss, image, text)  # warm-up, and the values compared below
-            peaks[name] = harness.measure_memory(lambda loss=loss: forward_backward(loss, image, text), device)
+            peaks[name] = harness.measure_memory(
+                lambda loss=loss, image=image, text=text: forward_backward(loss, image, text), device
+            )
         times = harness.interleaved_times(
-            {name: (lambda loss=loss: forward_backward(loss, image, text)) for name, loss in losses.items()},
+            {name: (lambda loss=loss, image=image, text=text: forward_backward(loss, image, text)) for name, loss in losses.items()},
             args.repeats, warmup=0,
         )  # fmt: skip
         difference = harness.relative_error(results["chunked"], results["full"])

@@ -63,7 +63,9 @@ class StepTimer:
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 if batch_idx == timer.warmup:
                     self.resident = harness.PeakMemory(device).__enter__()
-                    self.live = harness.LiveTensorPeak().__enter__() if timer.count_tensors and device == "cpu" else None
+                    self.live = (
+                        harness.LiveTensorPeak().__enter__() if timer.count_tensors and device == "cpu" else None
+                    )
                 harness.synchronize()
                 self.start = time.perf_counter()
 
@@ -91,7 +93,9 @@ def synthetic_batches(cfg, args: Any, count: int) -> list[dict[str, Any]]:
 
     tokenizer = load_tokenizer(cfg.text_encoder.name_or_path)
     texts = [REPORTS[i % len(REPORTS)] for i in range(args.batch)]
-    tokens = tokenizer(texts, padding=True, truncation=True, max_length=cfg.text_encoder.max_length, return_tensors="pt")
+    tokens = tokenizer(
+        texts, padding=True, truncation=True, max_length=cfg.text_encoder.max_length, return_tensors="pt"
+    )
     generator = torch.Generator().manual_seed(0)
     return [
         {
@@ -138,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per option (default 3; 1 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 2; 1 with --quick)")
-    parser.add_argument("--compile", action="store_true", help="add encoder.compile=true (compiles for minutes on a CPU)")
+    parser.add_argument(
+        "--compile", action="store_true", help="add encoder.compile=true (compiles for minutes on a CPU)"
+    )
     args = parser.parse_args(argv)
     harness.configure(args, default_repeats=1)
     args.variant = args.variant or ("nano" if args.quick else "small")
@@ -170,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             ("overrides", "override", ""),
         ],
     )
-    harness.write_json(args, NAME, {"shape": [args.batch, 1, *args.shape], "variant": args.variant, "steps": rows}, info)
+    harness.write_json(
+        args, NAME, {"shape": [args.batch, 1, *args.shape], "variant": args.variant, "steps": rows}, info
+    )
     return 0
 
 

@@ -36,7 +36,9 @@ MIB = 2**20
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one round: a smoke run (tests, CI)")
-    parser.add_argument("--json", type=Path, default=None, help=f"where to write results (default {DEFAULT_OUTPUT_DIR}/<name>.json)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help=f"where to write results (default {DEFAULT_OUTPUT_DIR}/<name>.json)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds; the best counts")
     return parser
@@ -114,7 +116,7 @@ class PeakMemory:
         self.bytes: int | None = None
         self._before: int | None = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

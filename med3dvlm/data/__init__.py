@@ -1,6 +1,6 @@
 """Data: volume I/O, M3D readers, transforms, DataModules and the phantom dataset (SPEC §6).
 
-Names are imported on first use, so ``python -m med3dvlm.data.phantoms`` and the readers start
+Names are imported on first use, so ``python -m med3dvlm.phantoms`` and the readers start
 without loading Lightning or MONAI.
 """
 

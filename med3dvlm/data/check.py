@@ -1,6 +1,7 @@
-"""Check a dataset root in the M3D layout and list every problem, not just the first.
+"""Checking a dataset root in the M3D layout, listing every problem, not just the first
+(``python -m med3dvlm.check``).
 
-    python -m med3dvlm.data.check root=DIR [volume_format=nii] [shape=null] [load_volumes=false]
+    python -m med3dvlm.check root=DIR [volume_format=nii] [shape=null] [load_volumes=false]
 
 What is checked (options in ``configs/check.yaml``):
 
@@ -13,7 +14,7 @@ What is checked (options in ``configs/check.yaml``):
 
 Each problem names the file and the JSON entry or CSV row. Exit status 1 when there is any.
 
-    python -m med3dvlm.data.check ct=PATH [series=UID]
+    python -m med3dvlm.check ct=PATH [series=UID]
 
 checks raw CT before preparing or asking a model about it: a NIfTI file, or a folder (or ``.zip``)
 of DICOM files. Every image series found is read as ``load_ct`` reads it (ordered slices, spacing,
@@ -26,15 +27,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import hydra
-from omegaconf import DictConfig
 
 from med3dvlm.data import ct_rate, layout
 from med3dvlm.data.errors import DataError
@@ -42,7 +39,6 @@ from med3dvlm.data.m3d import ReadResult, SkippedSample, read_cap_json, read_vqa
 from med3dvlm.data.preprocessing import PREPARED_SHAPE
 from med3dvlm.data.samples import Sample
 from med3dvlm.data.volumes import load_volume, with_volume_format
-from med3dvlm.resolvers import register_resolvers
 from med3dvlm.utils import available_cores, json_bytes, run_jobs, write_atomic
 
 VALUE_RANGE = (0.0, 1.0)  # SPEC §6: prepared volumes are in [0, 1]
@@ -306,22 +302,3 @@ def _check_dataset_from_config(cfg: Any) -> CheckReport:
         workers=cfg.get("workers"),
         progress=bool(cfg.get("progress", True)),
     )
-
-
-register_resolvers()
-
-
-@hydra.main(version_base="1.3", config_path="pkg://med3dvlm.configs", config_name="check")
-def main(cfg: DictConfig) -> None:
-    try:
-        report = run_from_config(cfg)
-    except ValueError as exc:  # a usage mistake: a message and status 2, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    if report.exit_code:
-        sys.exit(report.exit_code)
-
-
-if __name__ == "__main__":
-    main()
-

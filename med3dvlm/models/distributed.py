@@ -127,9 +127,7 @@ class _NeighbourExchange(torch.autograd.Function):
         return _exchange(grad, ctx.from_rank, recv, ctx.to_rank), None, None, None
 
 
-def neighbour_exchange_with_grad(
-    tensor: Tensor, to_rank: int, from_rank: int, recv_rows: int
-) -> Tensor:
+def neighbour_exchange_with_grad(tensor: Tensor, to_rank: int, from_rank: int, recv_rows: int) -> Tensor:
     """Send ``tensor`` to ``to_rank`` and return the ``recv_rows``-row tensor sent by
     ``from_rank`` (same trailing shape), differentiable. One step of a ring pass."""
     return _NeighbourExchange.apply(tensor, to_rank, from_rank, recv_rows)

@@ -260,7 +260,7 @@ class FastDCFormer(nn.Module):
         self.channels = tuple(channels)
 
     @classmethod
-    def from_module(cls, dcformer: DCFormer) -> "FastDCFormer":
+    def from_module(cls, dcformer: DCFormer) -> FastDCFormer:
         """Folds a (trained) DCFormer's eval-mode computation into a FastDCFormer (float32, same device)."""
         if not isinstance(dcformer, DCFormer):
             raise TypeError(f"FastDCFormer.from_module needs a DCFormer, got {type(dcformer).__name__}")

@@ -165,9 +165,7 @@ class SigLipLoss(nn.Module):
         total = images.new_zeros(())
         for start in range(0, other_texts.shape[0], width):
             stop = start + width
-            symmetric = (
-                (texts, other_images[start:stop]) if self.symmetric_logits else (None, None)
-            )
+            symmetric = (texts, other_images[start:stop]) if self.symmetric_logits else (None, None)
             # Text start + j is the partner of image start + j: diagonal(-start) of the block.
             offset = -start if same_batch else None
             total = total + checkpoint(
@@ -197,9 +195,7 @@ class SigLipLoss(nn.Module):
             source = (me - step) % world
             packet = dist_utils.neighbour_exchange_with_grad(packet, right, left, sizes[source])
             other_texts, other_images = packet[:, :width], packet[:, width:]
-            total = total + self._chunked_sum(
-                images, texts, other_images, other_texts, scale, bias, False
-            )
+            total = total + self._chunked_sum(images, texts, other_images, other_texts, scale, bias, False)
         return dist_utils.all_reduce_sum_with_grad(total) / sum(sizes)
 
 
@@ -213,9 +209,7 @@ class ClipLoss(nn.Module):
     loss (convention in :mod:`med3dvlm.models.distributed`).
     """
 
-    def __init__(
-        self, init_logit_scale: float = CLIP_INIT_LOGIT_SCALE, gather: bool = True
-    ) -> None:
+    def __init__(self, init_logit_scale: float = CLIP_INIT_LOGIT_SCALE, gather: bool = True) -> None:
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.gather = gather

@@ -75,7 +75,7 @@ class TextEncoder(nn.Module):
         for layer in layers[:count]:
             layer.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
         if not self.trainable:
             self.model.eval()  # a locked tower never runs dropout

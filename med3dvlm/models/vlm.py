@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from med3dvlm.models.folders import write_record, write_weights
 from med3dvlm.models.llm import (
     IMAGE_TOKEN,
     add_image_token_embeddings,
@@ -38,7 +39,6 @@ from med3dvlm.models.llm import (
     load_language_model,
     load_tokenizer,
 )
-from med3dvlm.models.folders import write_record, write_weights
 from med3dvlm.models.projectors import build_projector
 
 # SPEC §4: the projector reads the encoder's last two stages (low = s3, high = s4).
@@ -244,7 +244,9 @@ class Med3DVLM(nn.Module):
         """
         embeddings = self.embed_inputs(input_ids, images, attention_mask)
         if labels is None:
-            logits = self.language_model(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.language_model(
+                inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False
+            ).logits
             return VLMOutput(loss=None, logits=logits)
         base = self.base_language_model()
         hidden = base.get_decoder()(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False)
@@ -319,7 +321,9 @@ class Med3DVLM(nn.Module):
         ``tasks`` as in :meth:`tokenize_prompts`."""
         input_ids, attention_mask = self.tokenize_prompts(questions, tasks)
         device = next(self.parameters()).device
-        new_tokens = self.generate(images.to(device), input_ids.to(device), attention_mask.to(device), **generate_options)
+        new_tokens = self.generate(
+            images.to(device), input_ids.to(device), attention_mask.to(device), **generate_options
+        )
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
     # -- LoRA ----------------------------------------------------------------------------------
@@ -373,7 +377,7 @@ class Med3DVLM(nn.Module):
         return output_dir
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> "Med3DVLM":
+    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Med3DVLM:
         """Loads a folder written by :meth:`save_pretrained` (standard transformers classes only),
         in eval mode; ``dtype`` (e.g. ``"bfloat16"``) casts the whole model."""
         from safetensors.torch import load_file
@@ -384,10 +388,14 @@ class Med3DVLM(nn.Module):
         path = Path(path)
         config_file = path / VLM_CONFIG_FILE
         if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: {path} is not a folder written by Med3DVLM.save_pretrained")
+            raise FileNotFoundError(
+                f"{config_file} not found: {path} is not a folder written by Med3DVLM.save_pretrained"
+            )
         config = json.loads(config_file.read_text())
         if config.get("format") != "med3dvlm" or config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{config_file}: unsupported format {config.get('format')!r} v{config.get('format_version')}")
+            raise ValueError(
+                f"{config_file}: unsupported format {config.get('format')!r} v{config.get('format_version')}"
+            )
         encoder_config = dict(config["image_encoder"])
         image_encoder = build_encoder(encoder_config.pop("name"), **encoder_config)
         projector = build_projector(**config["projector"])
@@ -395,7 +403,9 @@ class Med3DVLM(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         vision = load_file(str(path / VISION_WEIGHTS_FILE))
         for prefix, module in (("image_encoder.", image_encoder), ("projector.", projector)):
-            module.load_state_dict({k[len(prefix):]: v for k, v in vision.items() if k.startswith(prefix)}, strict=True)
+            module.load_state_dict(
+                {k[len(prefix) :]: v for k, v in vision.items() if k.startswith(prefix)}, strict=True
+            )
         released_splice = config.get("released_splice", False)  # absent in folders written before it existed
         if not isinstance(released_splice, bool):
             raise ValueError(f"{config_file}: released_splice must be true or false, got {released_splice!r}")

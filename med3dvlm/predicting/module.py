@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from med3dvlm.api import Model
-from med3dvlm.eval.generate import GenerationSettings
+from med3dvlm.evaluation.generate import GenerationSettings
 from med3dvlm.predicting.data import BadInput, PendingInput, VolumeBatch
 from med3dvlm.predicting.inputs import Question
 from med3dvlm.predicting.outputs import SHARD_EMBEDDING_FIELD, PredictionOutput, encode_embedding, row_id

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from med3dvlm.eval.predictions import PredictionFileError, PredictionWriter
+from med3dvlm.evaluation.predictions import PredictionFileError, PredictionWriter
 from med3dvlm.predicting.inputs import Question
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ class PredictionOutput:
         if not records:
             self.bad_path.unlink(missing_ok=True)
             return
-        from med3dvlm.eval.predictions import write_jsonl
+        from med3dvlm.evaluation.predictions import write_jsonl
 
         write_jsonl(self.bad_path, records)
 

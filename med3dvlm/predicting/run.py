@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from med3dvlm.api import Model
-from med3dvlm.eval.generate import GenerationSettings
+from med3dvlm.evaluation.generate import GenerationSettings
 from med3dvlm.predicting.data import PredictionDataModule
 from med3dvlm.predicting.inputs import REPORT_QUESTION, InputSpecError, Question, build_questions, find_inputs
 from med3dvlm.predicting.models import load_predict_model, model_fingerprint
@@ -68,9 +68,9 @@ def run_settings(cfg: DictConfig, model: Model, extra: Mapping[str, Any]) -> dic
 
 
 def zero_shot_scorer() -> tuple[Any, dict[str, Any]]:
-    """The zero-shot eval's scoring (:class:`med3dvlm.eval.zero_shot.ZeroShotScorer`: CT-RATE's 18
+    """The zero-shot eval's scoring (:class:`med3dvlm.evaluation.zero_shot.ZeroShotScorer`: CT-RATE's 18
     labels, a positive and a negative prompt each) and what of it the sidecar records."""
-    from med3dvlm.eval.zero_shot import ZeroShotScorer
+    from med3dvlm.evaluation.zero_shot import ZeroShotScorer
 
     scorer = ZeroShotScorer()
     record = {"labels": list(scorer.labels), "prompts": list(scorer.templates), "logit_scale": scorer.logit_scale}

@@ -39,4 +39,3 @@ class RngStateCheckpoint(Callback):
 def _numpy_state_to_plain(state: tuple) -> tuple:
     name, keys, pos, has_gauss, cached = state
     return (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
-

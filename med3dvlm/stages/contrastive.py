@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -92,6 +93,10 @@ class ContrastiveCollator:
         }
 
 
+# when no optimizer is configured (the configs give the paper's: configs/experiment/*_paper.yaml)
+DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.1)
+
+
 class ContrastiveModule(L.LightningModule):
     """Trains :class:`ContrastiveModel` with a contrastive loss; validates and tests by retrieval."""
 
@@ -99,7 +104,7 @@ class ContrastiveModule(L.LightningModule):
         self,
         model: ContrastiveModel,
         loss: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.1),
+        optimizer: Callable[..., torch.optim.Optimizer] = DEFAULT_OPTIMIZER,
         warmup_ratio: float = WARMUP_RATIO,
         loss_monitor: Any | None = None,
         retrieval_sizes: tuple[int, ...] = (100, 500, 1000, 2000),
@@ -205,5 +210,7 @@ class ContrastiveModule(L.LightningModule):
             )
         else:
             optimizer = self.optimizer_factory(groups)
-        scheduler = warmup_cosine_schedule(optimizer, self.warmup_ratio, lambda: self.trainer.estimated_stepping_batches)
+        scheduler = warmup_cosine_schedule(
+            optimizer, self.warmup_ratio, lambda: self.trainer.estimated_stepping_batches
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -8,7 +8,7 @@ trainable). Hand-offs between stages are folders named by config paths:
 * stage 2 -> 3: ``model.projector_path=<pretrain run>/projector`` (written by
   :class:`~med3dvlm.checkpoints.handoff.ExportHandOff` with ``part=projector``),
   plus ``encoder.pretrained=<pretrain run>/image_encoder`` (unchanged by stage 2, exported again);
-* stage 3 -> users: ``python -m med3dvlm.export <finetune run>/checkpoints/last.ckpt <dir>``.
+* stage 3 -> users: ``python -m med3dvlm.export ckpt_path=<finetune run>/checkpoints/last.ckpt out_dir=<dir>``.
 
 Testing generates answers to the closed questions of the test split greedily and scores them with
 the paper's rule (SPEC §7), per question type and overall.
@@ -17,8 +17,9 @@ the paper's rule (SPEC §7), per question type and overall.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -26,8 +27,17 @@ from torch import nn
 
 from med3dvlm.metrics.vqa import closed_answer_is_correct, closed_vqa_accuracy, format_closed_vqa_table
 from med3dvlm.models.llm import load_tokenizer
-from med3dvlm.models.vlm import IGNORE_INDEX, LORA_ALPHA, LORA_DROPOUT, LORA_RANK, LORA_TARGET_MODULES, Med3DVLM
-from med3dvlm.models.vlm import image_prompt, load_pretrained_projector, pad_sequences
+from med3dvlm.models.vlm import (
+    IGNORE_INDEX,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_RANK,
+    LORA_TARGET_MODULES,
+    Med3DVLM,
+    image_prompt,
+    load_pretrained_projector,
+    pad_sequences,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +133,10 @@ def configure_trainable(model: Med3DVLM, stage: str) -> None:
         base.get_output_embeddings().requires_grad_(True)
 
 
+# when no optimizer is configured (the configs give the paper's: configs/experiment/*_paper.yaml)
+DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0)
+
+
 class VLMStage(L.LightningModule):
     """Trains :class:`Med3DVLM` as stage 2 (``pretrain``) or stage 3 (``finetune``), see module doc.
 
@@ -150,7 +164,7 @@ class VLMStage(L.LightningModule):
         self,
         model: Med3DVLM,
         stage: str = "pretrain",
-        optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0),
+        optimizer: Callable[..., torch.optim.Optimizer] = DEFAULT_OPTIMIZER,
         warmup_ratio: float = WARMUP_RATIO,
         projector_path: str | None = None,
         encoder_path: str | None = None,
@@ -178,14 +192,19 @@ class VLMStage(L.LightningModule):
         if projector_path:
             load_pretrained_projector(model, projector_path)
         if stage == "finetune":
-            options = {"r": LORA_RANK, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGET_MODULES}
+            options = {
+                "r": LORA_RANK,
+                "alpha": LORA_ALPHA,
+                "dropout": LORA_DROPOUT,
+                "target_modules": LORA_TARGET_MODULES,
+            }
             model.add_lora(**{**options, **(lora or {})})
         configure_trainable(model, stage)
         self._closed_records: list[dict[str, Any]] = []
         self._denormal_before: bool | None = None
         self.test_results: dict[str, Any] | None = None
 
-    def train(self, mode: bool = True) -> "VLMStage":
+    def train(self, mode: bool = True) -> VLMStage:
         """Frozen parts stay in eval mode: BatchNorm statistics and dropout belong to the loaded model."""
         super().train(mode)
         if mode and self.stage == "pretrain":
@@ -282,7 +301,9 @@ class VLMStage(L.LightningModule):
         from med3dvlm.stages.schedules import warmup_cosine_schedule
 
         optimizer = self.optimizer_factory(self.parameter_groups())
-        scheduler = warmup_cosine_schedule(optimizer, self.warmup_ratio, lambda: self.trainer.estimated_stepping_batches)
+        scheduler = warmup_cosine_schedule(
+            optimizer, self.warmup_ratio, lambda: self.trainer.estimated_stepping_batches
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -311,4 +332,3 @@ class VLMStage(L.LightningModule):
         if vision:
             groups.append({"params": vision, "lr": self.vision_lr})
         return groups
-

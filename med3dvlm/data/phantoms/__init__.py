@@ -46,18 +46,9 @@ the training configs call, so data is generated once). Both return a ``PhantomDa
 ``sample_case``, ``render_volume`` and ``write_case_texts`` expose one case for demos and tests.
 
 Modules by job: ``anatomy`` (the atlas, a case's attributes and lesions), ``rendering`` (the
-volume), ``text`` (report and questions), ``dataset`` (writing a root, the marker), ``cli``.
+volume), ``text`` (report and questions), ``dataset`` (writing a root, the marker).
 
-Command line (``python -m med3dvlm.data.phantoms --help``)::
-
-    --root DIR            dataset root to write (required)
-    --num-cases N         number of cases (default 40; at least 3)
-    --shape D H W         volume shape (default 64 128 128; each in [16, max 128 256 256])
-    --seed S              random seed (default 0)
-    --format FMT          nii.gz (default) or npy
-    --splits T V E        train/validation/test fractions (default 0.7 0.15 0.15)
-    --overwrite           also write into a non-empty folder that is not a phantom dataset
-    --if-missing          do nothing when the root already holds this exact dataset
+Command line: ``python -m med3dvlm.phantoms root=DIR`` (:mod:`med3dvlm.phantoms`, ``--help``).
 """
 
 from med3dvlm.data.phantoms.anatomy import (
@@ -78,7 +69,6 @@ from med3dvlm.data.phantoms.anatomy import (
     PhantomCase,
     sample_case,
 )
-from med3dvlm.data.phantoms.cli import main
 from med3dvlm.data.phantoms.dataset import (
     CASES_DIR,
     DEFAULT_NUM_CASES,
@@ -131,7 +121,6 @@ __all__ = [
     "PhantomCase",
     "PhantomDataset",
     "ensure_phantom_dataset",
-    "main",
     "make_phantom_dataset",
     "make_questions",
     "make_report",

@@ -1,4 +1,4 @@
-"""Evaluation entry point: ``python -m med3dvlm.eval eval=<suite> ckpt_path=...``.
+"""The evaluator behind ``python -m med3dvlm.eval eval=<suite> ...``: one function per suite.
 
 A training checkpoint records the resolved run config, so the model and its data are rebuilt from
 the checkpoint alone; ``data_root=`` points the evaluation at another dataset in the same layout.
@@ -18,11 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from med3dvlm.cli import reporting_mistakes, reports_mistakes
-from med3dvlm.resolvers import register_resolvers
-
 log = logging.getLogger(__name__)
-register_resolvers()
 
 
 def evaluate_retrieval(cfg: DictConfig) -> dict[str, Any]:
@@ -112,7 +108,7 @@ def text_metrics_from_config(metrics_cfg: DictConfig):
 
 def evaluate_score(cfg: DictConfig) -> dict[str, Any]:
     """``eval=score predictions=PATH``: score an existing predictions file, ours or another system's."""
-    from med3dvlm.eval.scoring import format_summary_table, score_file
+    from med3dvlm.evaluation.scoring import format_summary_table, score_file
 
     if not cfg.get("predictions"):
         raise ValueError(
@@ -141,7 +137,7 @@ def _device(accelerator: str) -> str:
 def evaluate_generation(cfg: DictConfig) -> dict[str, Any]:
     """``eval=caption|vqa_closed|vqa_open|all model_dir=DIR data_root=DIR``: generate with the VLM
     (resuming in the same run folder), score as SPEC §7; ``all`` adds retrieval given ``ckpt_path``."""
-    from med3dvlm.eval.generate import evaluate_tasks, plans_from_config
+    from med3dvlm.evaluation.generate import evaluate_tasks, plans_from_config
 
     with_retrieval = cfg.eval.name == "all" and bool(
         cfg.get("released_clip_dir") or not OmegaConf.is_missing(cfg, "ckpt_path")
@@ -168,12 +164,12 @@ def evaluate_generation(cfg: DictConfig) -> dict[str, Any]:
 
 def evaluate_zero_shot(cfg: DictConfig) -> dict[str, Any]:
     """``eval=zero_shot ckpt_path=STAGE1_CKPT [data_root=DIR]`` or ``model_dir=STAGE1_EXPORT data_root=DIR``:
-    CT-CLIP's zero-shot abnormality classification (:mod:`med3dvlm.eval.zero_shot`) on the CT-RATE
+    CT-CLIP's zero-shot abnormality classification (:mod:`med3dvlm.evaluation.zero_shot`) on the CT-RATE
     labels of ``eval.split``; the checkpoint's own data root unless ``data_root=`` is given."""
     from med3dvlm.api import load_model
-    from med3dvlm.data.ct_rate import ABNORMALITY_LABELS
-    from med3dvlm.eval.zero_shot import run_zero_shot
     from med3dvlm.checkpoints import checkpoint_stage, read_checkpoint
+    from med3dvlm.data.ct_rate import ABNORMALITY_LABELS
+    from med3dvlm.evaluation.zero_shot import run_zero_shot
 
     model_dir = cfg.get("model_dir")
     ckpt_path = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.get("ckpt_path")
@@ -239,10 +235,3 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"seeds=[...] repeats sampled generation (eval=caption|vqa_closed|vqa_open|all), not eval={name}"
         )
     return SUITES[name](cfg)
-
-
-@reports_mistakes("med3dvlm.eval")
-@hydra.main(version_base="1.3", config_path="pkg://med3dvlm.configs", config_name="eval")
-def main(cfg: DictConfig) -> None:
-    with reporting_mistakes():
-        evaluate(cfg)

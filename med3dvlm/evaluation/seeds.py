@@ -14,7 +14,7 @@ from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
-from med3dvlm.eval.scoring import CLOSED_METRIC_NAMES, TASK_TITLES
+from med3dvlm.evaluation.scoring import CLOSED_METRIC_NAMES, TASK_TITLES
 from med3dvlm.metrics.text import METRIC_NAMES
 
 STD_DEFINITION = "sample standard deviation over the seeds (n - 1); 0 for one seed"
@@ -61,7 +61,9 @@ def aggregate_seed_summaries(by_seed: Mapping[int, Mapping[str, Any]]) -> dict[s
     summary["overall"] = _statistics([by_seed[s]["overall"] for s in seeds], keys)
     for group in grouped:
         if group in first:
-            summary[group] = {name: _statistics([by_seed[s][group][name] for s in seeds], keys) for name in first[group]}
+            summary[group] = {
+                name: _statistics([by_seed[s][group][name] for s in seeds], keys) for name in first[group]
+            }
     settings = {k: v for k, v in first["generation"].items() if k not in ("generated", "resumed", "seconds")}
     summary["generation"] = {k: v for k, v in settings.items() if k != "samples_per_second"}
     summary["per_seed"] = {

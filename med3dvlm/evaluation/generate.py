@@ -4,10 +4,10 @@ For each task (``caption``, ``vqa_closed``, ``vqa_open``) the first ``limit`` sa
 are answered in batches (greedy with the KV cache by default) and appended to
 ``<task>_predictions.jsonl`` as they come, so an interrupted run started again in the same output
 folder generates only what is missing. The rows are then scored exactly as ``eval=score`` scores
-a file (:mod:`med3dvlm.eval.scoring`), and the summary also records the generation throughput.
+a file (:mod:`med3dvlm.evaluation.scoring`), and the summary also records the generation throughput.
 
 ``seeds=[...]`` repeats sampled generation once per seed and reports mean ± std over them
-(:mod:`med3dvlm.eval.seeds`).
+(:mod:`med3dvlm.evaluation.seeds`).
 
 What the model must offer (``Med3DVLM``): ``image_size`` (D, H, W), an ``image_encoder`` whose
 parameters give the volumes' device and dtype, and
@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from med3dvlm.data import layout
 from med3dvlm.data.samples import Sample
-from med3dvlm.eval.predictions import PredictionWriter
-from med3dvlm.eval.scoring import format_summary_table, score_predictions, write_scored_outputs
-from med3dvlm.eval.seeds import (
+from med3dvlm.evaluation.predictions import PredictionWriter
+from med3dvlm.evaluation.scoring import format_summary_table, score_predictions, write_scored_outputs
+from med3dvlm.evaluation.seeds import (
     aggregate_seed_summaries,
     check_seeds,
     format_seed_table,
@@ -296,7 +296,7 @@ def evaluate_tasks(
     """Load the VLM once, run every planned task, print each table; summaries by task.
 
     ``seeds``: run every task once per seed (sampling only), each in ``seed_<n>/`` of ``output_dir``,
-    then write and print the mean ± std over the seeds (:mod:`med3dvlm.eval.seeds`), returned by task.
+    then write and print the mean ± std over the seeds (:mod:`med3dvlm.evaluation.seeds`), returned by task.
     """
     if not data_root:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Offline WordNet 3.0 for METEOR's synonym stage: ``python -m med3dvlm.eval.wordnet_setup``.
+"""Offline WordNet 3.0 for METEOR's synonym stage (built by ``python -m med3dvlm.wordnet``).
 
 The paper's METEOR (SPEC §7) is NLTK's, with WordNet synonyms. NLTK's downloader needs the
 internet; Debian's ``wordnet-base`` and ``wordnet-sense-index`` packages ship the same WordNet 3.0
@@ -11,12 +11,10 @@ where the text metrics look for it (:func:`med3dvlm.metrics.text.default_nltk_da
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 from pathlib import Path
 
-from med3dvlm.metrics.text import default_nltk_data_dir, load_wordnet
+from med3dvlm.metrics.text import default_nltk_data_dir
 
 DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
 DEBIAN_PACKAGES = ("wordnet-base", "wordnet-sense-index")
@@ -76,7 +74,7 @@ def build_nltk_wordnet(source: Path = DEBIAN_WORDNET_DIR, nltk_data_dir: Path | 
     if missing:
         raise FileNotFoundError(
             f"WordNet 3.0 files {', '.join(missing)} are missing from {source}. On Debian/Ubuntu run "
-            f"`apt-get install -y {' '.join(DEBIAN_PACKAGES)}` (or `make wordnet`), or pass --source "
+            f"`apt-get install -y {' '.join(DEBIAN_PACKAGES)}` (or `make wordnet`), or pass source=DIR "
             "with a folder holding the WordNet 3.0 dict files."
         )
     target = Path(nltk_data_dir or default_nltk_data_dir()) / "corpora" / "wordnet"
@@ -85,29 +83,3 @@ def build_nltk_wordnet(source: Path = DEBIAN_WORDNET_DIR, nltk_data_dir: Path | 
         shutil.copyfile(source / name, target / name)
     (target / "lexnames").write_text(lexnames_text(), encoding="utf-8")
     return target
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=DEBIAN_WORDNET_DIR, help="WordNet 3.0 dict files")
-    parser.add_argument("--target", type=Path, default=None, help="nltk_data folder to build into")
-    args = parser.parse_args(argv)
-    try:
-        folder = build_nltk_wordnet(args.source, args.target)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    try:
-        wordnet = load_wordnet(folder.parent.parent)
-    except ImportError as error:
-        print(f"error: WordNet copied to {folder}, but NLTK cannot read it here: {error}", file=sys.stderr)
-        return 1
-    if wordnet is None:
-        print(f"error: NLTK could not read the WordNet built in {folder}", file=sys.stderr)
-        return 1
-    print(f"WordNet {wordnet.get_version()} ready for NLTK in {folder}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from med3dvlm.eval.predictions import infer_task, read_predictions, validate_rows, write_jsonl
+from med3dvlm.evaluation.predictions import infer_task, read_predictions, validate_rows, write_jsonl
 from med3dvlm.metrics.text import METRIC_NAMES, TextMetrics
 from med3dvlm.metrics.vqa import mean_scores, means_by_group, means_by_question_type, score_closed_answer
 
@@ -33,7 +33,7 @@ def _closed_per_sample(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 def score_predictions(
     rows: list[dict[str, Any]], task: str | None = None, metrics: TextMetrics | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Score prediction rows (see :mod:`med3dvlm.eval.predictions`) for ``task``.
+    """Score prediction rows (see :mod:`med3dvlm.evaluation.predictions`) for ``task``.
 
     Returns the per-sample scores (one dict per row, in order) and the summary: ``overall`` and,
     for VQA, ``by_question_type`` averages (fractions; ``count`` = samples), plus the metric

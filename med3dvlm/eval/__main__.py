@@ -1,4 +1,0 @@
-from med3dvlm.eval.app import main
-
-if __name__ == "__main__":
-    raise SystemExit(main())
