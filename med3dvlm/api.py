@@ -74,7 +74,7 @@ def read_input(volume: VolumeLike | InputVolume, series: str | None = None, inde
     if isinstance(volume, InputVolume):
         return volume
     if isinstance(volume, (str, os.PathLike)):
-        from med3dvlm.data.ct import load_ct, load_nifti_both_ways
+        from med3dvlm.data.ct import decode_nifti, load_ct
         from med3dvlm.data.volumes import load_volume
 
         path = Path(volume)
@@ -82,10 +82,10 @@ def read_input(volume: VolumeLike | InputVolume, series: str | None = None, inde
         if path.is_dir() or name.endswith(".zip"):
             return InputVolume(load_ct(path, series=series).volume[np.newaxis], False, str(path))
         if name.endswith(".nii.gz"):  # decompressed once, then told prepared or raw CT
-            as_stored, as_ct = load_nifti_both_ways(path)
-            if is_prepared(as_stored):
-                return InputVolume(as_stored[np.newaxis], True, str(path))
-            return InputVolume(as_ct().volume[np.newaxis], False, str(path))
+            decoded = decode_nifti(path)
+            if is_prepared(decoded.values):
+                return InputVolume(decoded.as_stored()[np.newaxis], True, str(path))
+            return InputVolume(decoded.as_ct().volume[np.newaxis], False, str(path))
         array = load_volume(path)  # .npy, or .nii read through a memory map (cheap to read twice)
         if is_prepared(array):
             return InputVolume(array, True, str(path))

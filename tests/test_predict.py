@@ -461,3 +461,18 @@ def test_the_readme_commands_name_real_settings(tmp_path):
         tmp_path,
     )
     assert as_preprocessing(OmegaConf.to_container(cfg.preprocessing)).hu_window is None
+
+
+def test_cpu_threads_leave_the_workers_their_cores():
+    from med3dvlm.predicting.inputs import InputSpecError
+    from med3dvlm.predicting.run import cpu_threads
+
+    assert cpu_threads("auto", cores=2, num_workers=2, processes=1) == 1  # never below one
+    assert cpu_threads("auto", cores=16, num_workers=2, processes=1) == 14
+    assert cpu_threads("auto", cores=16, num_workers=2, processes=2) == 6  # each DDP process: 8 cores, 2 workers
+    assert cpu_threads("auto", cores=4, num_workers=0, processes=1) == 4
+    assert cpu_threads(3, cores=2, num_workers=2, processes=1) == 3
+    assert cpu_threads(None, cores=2, num_workers=2, processes=1) is None
+    for bad in (0, -1, "many"):
+        with pytest.raises(InputSpecError, match="threads="):
+            cpu_threads(bad, cores=2, num_workers=2, processes=1)

@@ -21,10 +21,12 @@ its summary reports it (DataLoader start-up included, model load and Trainer set
 ``end to end`` column includes everything (model load, set-up) for these ``--volumes``. Best of
 ``--repeats`` interleaved rounds (each round's time is in the JSON).
 
-What bounds predict here is reading: its two workers decode each ``.nii.gz`` (twice, as
-``read_input`` reads raw NIfTI: once to tell prepared from raw, once in display orientation) and
-resize it, about 40 ms a scan, so ~50 volumes/s on two cores whatever the encoder does; the loop
-spends that plus the plain encoder's batch-of-one time on every scan. Run on an idle machine: with
+Why the ratio stays near 2x on two cores: both ways read every scan the same way (the ``.nii.gz``
+decompressed once, with ISA-L, ~8-10 ms a scan here, plus windowing and resizing), and reading is
+most of the loop's time per scan (the batch-of-one encoder is the rest). Predict spreads the reading
+over its two workers while the main process encodes, so it approaches (reading + batched encoding)
+/ 2 cores per scan: twice the loop, plus what batching saves on the encoder. More volumes (the
+DataLoader start-up amortised) raise it a little (``--volumes 384``). Run on an idle machine: with
 other jobs on the two cores the loop's two-thread encoder slows by up to 10x (threads spinning for
 cores they do not get), which inflates the ratio.
 """

@@ -124,8 +124,10 @@ def _load_nifti(path: Path):
     reorienting it (or reading it both ways, :func:`load_nifti_both_ways`) decodes nothing again."""
     import nibabel as nib
 
+    from med3dvlm.data.volumes import load_nifti_image
+
     try:
-        image = nib.load(path)
+        image = load_nifti_image(path)
         data = image.get_fdata(dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
         raise CorruptFileError(f"{path}: cannot read NIfTI volume ({type(exc).__name__}: {exc})") from exc
@@ -134,16 +136,31 @@ def _load_nifti(path: Path):
     return nib.Nifti1Image(data, image.affine, header)
 
 
-def load_nifti_both_ways(path: str | os.PathLike) -> tuple[np.ndarray, Callable[[], CTScan]]:
-    """A NIfTI file decoded once: ``(D, H, W)`` float32 in the file's own axes (how prepared volumes
-    are read), and a function giving the same data as :func:`load_ct` does (display orientation,
-    spacing) without decoding the file again: inference tells prepared from raw CT by the first."""
+class DecodedNifti(NamedTuple):
+    """A NIfTI decoded once (:func:`decode_nifti`): its voxel values in the file's axes, and both
+    ways to read it without decoding again."""
+
+    values: np.ndarray  # (x, y, z) float32 as stored (scaled by the header's slope and intercept)
+    image: Any
+    path: Path
+
+    def as_stored(self) -> np.ndarray:
+        """``(D, H, W)`` in the file's own axes: how prepared volumes are read (``load_volume``)."""
+        return _to_scan(self.image, self.path, reorient=False).volume
+
+    def as_ct(self) -> CTScan:
+        """What :func:`load_ct` gives: display orientation and spacing."""
+        return _to_scan(self.image, self.path, reorient=True)
+
+
+def decode_nifti(path: str | os.PathLike) -> DecodedNifti:
+    """A NIfTI file decoded once, so inference can tell prepared volumes (in [0, 1]) from raw CT by
+    its values and then read it either way without decompressing it again."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: volume file not found")
     image = _load_nifti(path)
-    as_stored = _to_scan(image, path, reorient=False).volume
-    return as_stored, lambda: _to_scan(image, path, reorient=True)
+    return DecodedNifti(np.asarray(image.dataobj), image, path)
 
 
 def _to_scan(image, path: Path, reorient: bool) -> CTScan:

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from med3dvlm.api import Model
@@ -20,6 +21,7 @@ from med3dvlm.predicting.inputs import REPORT_QUESTION, InputSpecError, Question
 from med3dvlm.predicting.models import load_predict_model, model_fingerprint
 from med3dvlm.predicting.module import BatchPredictor, ShardWriter, VolumeProgress
 from med3dvlm.predicting.outputs import TASKS, PredictionOutput, RunSummary, row_id
+from med3dvlm.utils import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,24 @@ def zero_shot_scorer() -> tuple[Any, dict[str, Any]]:
     return scorer, {"zero_shot": record}
 
 
+def cpu_threads(requested: Any, cores: int, num_workers: int, processes: int) -> int | None:
+    """Torch threads for each predicting process on a CPU. ``auto``: the cores of this process's
+    share left over by its DataLoader workers (at least one): workers and a main process whose
+    threads spin for the same cores slow each other down (``bench_predict.py``: 1.5x). An integer
+    sets it; null leaves torch's choice."""
+    if requested is None:
+        return None
+    if str(requested) == "auto":
+        return max(1, cores // max(1, processes) - num_workers)
+    try:
+        threads = int(requested)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1:
+        raise InputSpecError(f"threads={requested}: expected auto, null or a positive integer")
+    return threads
+
+
 def build_trainer(cfg: DictConfig, callbacks: Sequence[Any]):
     return hydra.utils.instantiate(cfg.trainer, callbacks=list(callbacks), logger=False)
 
@@ -109,8 +129,15 @@ def run_predict(cfg: DictConfig) -> RunSummary | None:
     )
     writer = ShardWriter(output)
     trainer = build_trainer(cfg, [writer, VolumeProgress(cfg.progress)])
+    threads = cpu_threads(cfg.get("threads", "auto"), available_cores(), int(cfg.num_workers), trainer.num_devices)
+    callers_threads = torch.get_num_threads()
+    if threads is not None and trainer.strategy.root_device.type == "cpu":
+        torch.set_num_threads(threads)
     start = time.perf_counter()
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    try:
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    finally:
+        torch.set_num_threads(callers_threads)  # a caller in the same process (a script, a test) keeps its own
     seconds = writer.loop_seconds if writer.loop_seconds is not None else time.perf_counter() - start
     trainer.strategy.barrier("predict-merge")  # every rank's shard complete
     if not trainer.is_global_zero:
