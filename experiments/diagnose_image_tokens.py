@@ -59,7 +59,7 @@ def nearest_centroid_accuracy(features: torch.Tensor, labels: list[str]) -> floa
 
 def closed_answers(root: Path, split: str) -> dict[str, dict[Path, str]]:
     """``{question type: {volume: answer text}}`` from the closed questions of ``split``."""
-    from med3dvlm.data.m3d import read_task_split
+    from med3dvlm.data.tasks import read_task_split
 
     answers: dict[str, dict[Path, str]] = defaultdict(dict)
     for sample in read_task_split(root, "vqa_closed", split).samples:

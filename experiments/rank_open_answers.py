@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from med3dvlm.api import load_model, model_input
-    from med3dvlm.data.m3d import read_task_split
+    from med3dvlm.data.tasks import read_task_split
 
     wrapper = load_model(args.model)
     if wrapper.kind != "vlm":

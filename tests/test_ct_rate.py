@@ -86,7 +86,7 @@ def test_labels_and_3d_rad_questions_follow_their_volumes(trees):
         for volume in labelled:
             assert split_of_image[str(volume.image_path.relative_to(root))] == split
             assert volume.labels == tree.labels[volume.volume_name]
-    from med3dvlm.data.m3d import read_task_split
+    from med3dvlm.data.tasks import read_task_split
 
     closed = read_task_split(root, "vqa_closed", "test").samples
     assert {s.question_type for s in closed} == set(RAD3D_TASKS.values())

@@ -12,7 +12,7 @@ import torch
 from hydra_helpers import CPU_TINY, compose_config
 from omegaconf import OmegaConf, open_dict
 
-from med3dvlm.data.m3d import read_task_split
+from med3dvlm.data.tasks import read_task_split
 from med3dvlm.data.volumes import load_volume
 from med3dvlm.evaluation.generate import GenerationSettings, choices_from_prompt
 from med3dvlm.models.vlm import Med3DVLM

@@ -132,7 +132,7 @@ def test_volumes_are_float32_unit_range_in_released_axis_order(root: Path, tmp_p
 
 
 def test_project_readers_accept_every_sample(root: Path) -> None:
-    from med3dvlm.data.m3d import read_task_split
+    from med3dvlm.data.tasks import read_task_split
 
     expected = {"caption": 1, "vqa_closed": 8, "vqa_open": 8, "vqa_yes_no": 6}  # per case
     for task, per_case in expected.items():

@@ -25,7 +25,8 @@ from med3dvlm.data.sampling import EpochIndex, ResumableDataLoader, ResumableSam
 
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.layout import ALL_QUESTION_TYPES, CLOSED_ANSWER_FORMAT, check_closed_answer_format
-from med3dvlm.data.m3d import OnBadSample, SkippedSample, check_on_bad_sample, read_task_split
+from med3dvlm.data.m3d import OnBadSample, SkippedSample, check_on_bad_sample
+from med3dvlm.data.tasks import read_task_split
 from med3dvlm.data.samples import TASKS, Sample
 from med3dvlm.data.transforms import IMAGE_KEY, eval_transforms, train_transforms
 from med3dvlm.data.volumes import load_volume, with_volume_format

@@ -80,7 +80,7 @@ class TaskPlan:
 
 def select_samples(data_root: str | Path, task: str, split: str, limit: int | None) -> list[Sample]:
     """The first ``limit`` samples of ``task`` in file order (SPEC §7 takes the first N)."""
-    from med3dvlm.data.m3d import read_task_split
+    from med3dvlm.data.tasks import read_task_split
 
     samples = read_task_split(data_root, task, split).samples
     if not samples:

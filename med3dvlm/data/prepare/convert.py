@@ -11,7 +11,7 @@ from pathlib import Path
 
 from med3dvlm.data import layout
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.m3d import read_task_split
+from med3dvlm.data.tasks import read_task_split
 from med3dvlm.data.prepare.cases import CaseResult
 from med3dvlm.data.prepare.pipeline import Summary
 from med3dvlm.data.prepare.settings import PreparationError, PrepareSettings
