@@ -236,7 +236,7 @@ def reporting_mistakes() -> Iterator[None]:
 
 
 def reports_mistakes(program: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorates a command's ``main`` (above ``@hydra.main``, or an argv function): a user's mistake,
+    """Decorates a command's ``main`` (above ``@hydra.main``; :func:`hydra_command` does it): a user's mistake,
     on the command line or in the input, prints ``error: <one line>`` to stderr and ``main`` returns
     :data:`USAGE_EXIT_CODE`; otherwise ``main``'s own result (0 for None), so that
     ``raise SystemExit(main())`` ends the process with the right status. Any other error, or every

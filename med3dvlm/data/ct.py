@@ -121,7 +121,7 @@ def load_ct(path: str | os.PathLike, series: str | None = None, reorient: bool =
 
 def _load_nifti(path: Path):
     """The NIfTI at ``path`` decoded once into memory: a truncated file fails here with its name, and
-    reorienting it (or reading it both ways, :func:`load_nifti_both_ways`) decodes nothing again."""
+    reorienting it (or reading it both ways, :func:`decode_nifti`) decodes nothing again."""
     import nibabel as nib
 
     from med3dvlm.data.volumes import load_nifti_image

@@ -86,12 +86,12 @@ def load_volume(path: str | os.PathLike) -> np.ndarray:
     elif suffix == _UNCOMPRESSED_NIFTI_SUFFIX:
         volume = _read_nifti(path, _scaled_from_memory_map)
     else:
-        volume = _read_nifti(path, _decoded_by_nibabel)
+        volume = _read_nifti(path, _decoded_in_memory)
     _check_finite(volume, path)
     return np.ascontiguousarray(volume)
 
 
-def _decoded_by_nibabel(path: Path) -> np.ndarray:
+def _decoded_in_memory(path: Path) -> np.ndarray:
     return load_nifti_image(path).get_fdata(dtype=np.float32, caching="unchanged")
 
 
@@ -119,8 +119,10 @@ def load_nifti_image(path: str | os.PathLike):
     if not path.name.lower().endswith(".gz"):
         return nib.load(path, mmap=False)
     data = _gunzip(path.read_bytes())
-    header_size = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
-    image_class = _NIFTI_HEADER_SIZES.get(header_size) or _NIFTI_HEADER_SIZES.get(int.from_bytes(data[:4], "big"))
+    first_field = data[:4]  # sizeof_hdr, in the file's byte order
+    image_class = _NIFTI_HEADER_SIZES.get(int.from_bytes(first_field, "little")) or _NIFTI_HEADER_SIZES.get(
+        int.from_bytes(first_field, "big")
+    )
     if image_class is None:
         return nib.load(path, mmap=False)  # not NIfTI-1/2: nibabel says what it is, or why not
     return image_class.from_bytes(data)
