@@ -201,3 +201,53 @@ def test_phantom_round_trip_through_dicom(tmp_path):
     assert hu.min() == -1000.0 and hu.max() > 0  # air and tissue
     write_dicom_series(hu, tmp_path / "series", (2.0, 0.9, 0.9))
     np.testing.assert_array_equal(load_ct(tmp_path / "series").volume, hu)
+
+
+@pytest.mark.parametrize(
+    "axes, flips, oblique_degrees, slope, intercept, suffix",
+    [
+        ((0, 1, 2), (1, 1, 1), 0.0, 1.0, 0.0, ".nii.gz"),
+        ((2, 0, 1), (-1, 1, -1), 0.0, 1.0, -1024.0, ".nii.gz"),
+        ((1, 2, 0), (1, -1, 1), 12.0, 0.5, -1000.0, ".nii"),
+        ((0, 2, 1), (-1, -1, -1), 30.0, 2.0, 0.0, ".nii.gz"),
+    ],
+)
+def test_nifti_reorientation_equals_nibabels_as_reoriented(
+    tmp_path, axes, flips, oblique_degrees, slope, intercept, suffix
+):
+    """Any axis order, flip, oblique affine and rescale: ``load_ct`` (views of the decoded array, one
+    copy) gives nibabel's own ``as_reoriented(...).get_fdata()`` and its zooms."""
+    import nibabel as nib
+    from nibabel import orientations
+
+    from med3dvlm.data.ct import DISPLAY_AXCODES
+
+    rng = np.random.default_rng(3)
+    stored = rng.integers(-1200, 3000, size=(7, 9, 11)).astype(np.int16)
+    angle = np.radians(oblique_degrees)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    linear = np.zeros((3, 3))
+    for axis, (world, flip) in enumerate(zip(axes, flips)):
+        linear[world, axis] = flip * (0.6 + 0.4 * axis)  # voxel sizes 0.6, 1.0, 1.4 mm
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ linear
+    affine[:3, 3] = (-40.0, 12.5, 80.0)
+    image = nib.Nifti1Image(stored[..., np.newaxis] if suffix == ".nii" else stored, affine)
+    image.header.set_slope_inter(slope, intercept)
+    path = tmp_path / f"scan{suffix}"
+    nib.save(image, path)
+
+    volume, spacing = load_ct(path)
+
+    saved = nib.load(path)
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(saved.affine), orientations.axcodes2ornt(DISPLAY_AXCODES)
+    )
+    reference = saved.as_reoriented(transform)
+    expected = np.squeeze(reference.get_fdata(), axis=3) if reference.ndim == 4 else reference.get_fdata()
+    assert volume.shape == expected.shape[::-1] and volume.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(volume, expected.transpose(2, 1, 0), rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(spacing, reference.header.get_zooms()[:3][::-1], rtol=1e-5)
+    as_stored = stored.transpose(2, 1, 0) * slope + intercept
+    if axes != (0, 1, 2) or flips != (-1, -1, -1):  # the file's axes are not already L, P, I
+        assert volume.shape != as_stored.shape or not np.allclose(volume, as_stored)

@@ -223,6 +223,27 @@ def test_crop_and_resize_matches_scipy_trilinear():
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(8, 6, 13), (32, 64, 64), (5, 9, 9)])
+def test_crop_and_resize_equal_monais_transforms(shape):
+    """The steps call MONAI's bounding box and torch's interpolation directly: the same arrays as
+    MONAI's ``CropForeground(margin=0)`` then ``Resize(mode="trilinear")``, clipped to [0, 1]."""
+    from monai.transforms import CropForeground, Resize
+
+    from med3dvlm.data.preprocessing import crop_foreground, resize
+
+    rng = np.random.default_rng(2)
+    volume = np.zeros((20, 40, 36), dtype=np.float32)
+    volume[3:17, 5:33, 2:35] = rng.random((14, 28, 33), dtype=np.float32)
+    volume[3:17, 5:33, 2:35][rng.random((14, 28, 33)) < 0.3] = 0.0  # holes inside the box stay
+    cropped = crop_foreground(volume, "test")
+    reference_crop = np.asarray(CropForeground(margin=0)(volume[np.newaxis]))[0]
+    np.testing.assert_array_equal(cropped, reference_crop)
+    resized = resize(cropped, shape)
+    reference = np.clip(np.asarray(Resize(spatial_size=shape, mode="trilinear")(reference_crop[np.newaxis]))[0], 0, 1)
+    assert resized.dtype == np.float32 and resized.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(resized, reference)
+
+
 def prepared_volume(out: Path, relative: str) -> np.ndarray:
     return load_volume(out / relative)[0]
 

@@ -71,6 +71,15 @@ def compose(config_name: str, overrides: list[str], workdir: Path):
     return cfg
 
 
+def predict_default(key: str) -> Any:
+    """A setting of ``configs/predict.yaml``, what the command uses unless told otherwise."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(str(files("med3dvlm.configs") / "predict.yaml"))[key]
+
+
 def build_models(workdir: Path, model_shape: tuple[int, int, int]) -> tuple[Path, Path]:
     """A stage-1 export and a VLM folder at ``model_shape``, random weights, phantom preprocessing."""
     import hydra
@@ -169,7 +178,7 @@ def compare(task: str, loop_outputs: list[Any], predict_outputs: list[Any]) -> f
 
 def main(argv: list[str] | None = None) -> int:
     parser = harness.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--volumes", type=int, default=None, help="scans for task=embed (default 96; 4 with --quick)")
+    parser.add_argument("--volumes", type=int, default=None, help="scans for task=embed (default 384; 4 with --quick)")
     parser.add_argument(
         "--report-volumes", type=int, default=None, help="scans for task=report (default 8; 4 with --quick)"
     )
@@ -184,16 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("D", "H", "W"),
         help="models' volume size (default 32 64 64, experiment=siglip's)",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="predict's batch_size (default: predict's own)")
     parser.add_argument("--workers", type=int, default=2, help="predict's DataLoader workers")
     parser.add_argument("--new-tokens", type=int, default=None, help="longest report (default 32; 4 with --quick)")
     args = parser.parse_args(argv)
     harness.configure(args, default_repeats=3)
-    args.volumes = args.volumes or (4 if args.quick else 96)
+    args.volumes = args.volumes or (4 if args.quick else 384)
     args.report_volumes = args.report_volumes or (4 if args.quick else 8)
     args.input_shape = tuple(args.input_shape or ((16, 32, 32) if args.quick else (64, 128, 128)))
     args.model_shape = tuple(args.model_shape or ((8, 16, 16) if args.quick else (32, 64, 64)))
     args.new_tokens = args.new_tokens or (4 if args.quick else 32)
+    args.batch_size = args.batch_size or predict_default("batch_size")
     info = harness.machine()
 
     rows: list[dict[str, Any]] = []

@@ -104,14 +104,14 @@ def load_ct(path: str | os.PathLike, series: str | None = None, reorient: bool =
         raise MissingFileError(f"{path}: not found (expected a NIfTI file, a DICOM series folder or a .zip of one)")
     name = path.name.lower()
     if path.is_dir():
-        image = _dicom_image(_folder_files(path), path, series)
+        decoded = _dicom_image(_folder_files(path), path, series)
     elif name.endswith(ZIP_SUFFIX):
-        image = _dicom_image(_zip_files(path), path, series)
+        decoded = _dicom_image(_zip_files(path), path, series)
     elif name.endswith(NIFTI_SUFFIXES):
-        image = _load_nifti(path)
+        decoded = _load_nifti(path)
     else:
         raise CorruptFileError(f"{path}: not a CT input; give a .nii / .nii.gz file, a DICOM series folder or a .zip")
-    return _to_scan(image, path, reorient)
+    return _to_scan(decoded, path, reorient)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,38 +119,66 @@ def load_ct(path: str | os.PathLike, series: str | None = None, reorient: bool =
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_nifti(path: Path):
+class _FileVolume(NamedTuple):
+    """A decoded volume in its file's axes ``(x, y, z)``, before any reorientation or rescaling:
+    reorienting flips and permutes views of ``stored``, and the rescale writes the one copy."""
+
+    stored: np.ndarray  # as the file stores it (int16 for most CT)
+    slope: float  # voxel value = stored * slope + intercept
+    intercept: float
+    affine: np.ndarray  # voxel -> RAS+ mm
+    zooms: tuple[float, ...]  # voxel size along the file axes, mm
+    finite: bool = False  # known finite (integers, finite rescale): no pass to check for NaN
+
+
+def _load_nifti(path: Path) -> _FileVolume:
     """The NIfTI at ``path`` decoded once into memory: a truncated file fails here with its name, and
     reorienting it (or reading it both ways, :func:`decode_nifti`) decodes nothing again."""
-    import nibabel as nib
-
-    from med3dvlm.data.volumes import load_nifti_image
+    from med3dvlm.data.volumes import load_nifti_image, stored_values
 
     try:
         image = load_nifti_image(path)
-        data = image.get_fdata(dtype=np.float32)
+        stored, slope, intercept = stored_values(image)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
         raise CorruptFileError(f"{path}: cannot read NIfTI volume ({type(exc).__name__}: {exc})") from exc
-    header = image.header.copy()
-    header.set_data_dtype(np.float32)
-    return nib.Nifti1Image(data, image.affine, header)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    zooms = tuple(image.header.get_zooms())
+    return _FileVolume(stored, slope, intercept, affine, zooms, _integers_scaled(stored, slope, intercept))
+
+
+def _integers_scaled(stored: np.ndarray, slope: float, intercept: float) -> bool:
+    """Whether ``stored`` holds integers and the rescale keeps every one finite in float32."""
+    if not np.issubdtype(stored.dtype, np.integer):
+        return False
+    largest = abs(slope) * 2.0 ** (8 * stored.dtype.itemsize) + abs(intercept)
+    return bool(np.isfinite(largest) and largest < np.finfo(np.float32).max)
 
 
 class DecodedNifti(NamedTuple):
-    """A NIfTI decoded once (:func:`decode_nifti`): its voxel values in the file's axes, and both
-    ways to read it without decoding again."""
+    """A NIfTI decoded once (:func:`decode_nifti`): the range of its voxel values, and both ways to
+    read it without decoding again."""
 
-    values: np.ndarray  # (x, y, z) float32 as stored (scaled by the header's slope and intercept)
-    image: Any
+    decoded: _FileVolume
     path: Path
+
+    def value_range(self) -> tuple[float, float]:
+        """Smallest and largest voxel value (rescaled), from the stored extremes: no float copy."""
+        from med3dvlm.data.volumes import rescaled_float32
+
+        stored = self.decoded.stored
+        if stored.size == 0:
+            raise VolumeShapeError(f"{self.path}: volume has shape {stored.shape}; expected three non-empty axes")
+        extremes = np.array([stored.min(), stored.max()], dtype=stored.dtype)
+        low, high = sorted(float(v) for v in rescaled_float32(extremes, self.decoded.slope, self.decoded.intercept))
+        return low, high
 
     def as_stored(self) -> np.ndarray:
         """``(D, H, W)`` in the file's own axes: how prepared volumes are read (``load_volume``)."""
-        return _to_scan(self.image, self.path, reorient=False).volume
+        return _to_scan(self.decoded, self.path, reorient=False).volume
 
     def as_ct(self) -> CTScan:
         """What :func:`load_ct` gives: display orientation and spacing."""
-        return _to_scan(self.image, self.path, reorient=True)
+        return _to_scan(self.decoded, self.path, reorient=True)
 
 
 def decode_nifti(path: str | os.PathLike) -> DecodedNifti:
@@ -159,27 +187,37 @@ def decode_nifti(path: str | os.PathLike) -> DecodedNifti:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: volume file not found")
-    image = _load_nifti(path)
-    return DecodedNifti(np.asarray(image.dataobj), image, path)
+    return DecodedNifti(_load_nifti(path), path)
 
 
-def _to_scan(image, path: Path, reorient: bool) -> CTScan:
+def _to_scan(decoded: _FileVolume, path: Path, reorient: bool) -> CTScan:
+    """``(D, H, W)`` float32 and spacing. Reorienting flips and permutes views of the stored array,
+    and the rescale writes them into the result: one pass over the volume (nibabel's
+    ``as_reoriented`` then ``get_fdata`` make three)."""
     from nibabel import orientations
 
-    if reorient:
-        current = orientations.io_orientation(image.affine)
-        target = orientations.axcodes2ornt(DISPLAY_AXCODES)
-        image = image.as_reoriented(orientations.ornt_transform(current, target))
-    data = np.asarray(image.get_fdata(dtype=np.float32))
-    zooms = tuple(round(float(z), 6) for z in image.header.get_zooms()[:3])
+    from med3dvlm.data.volumes import rescaled_float32
+
+    data = decoded.stored
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3 or min(data.shape) == 0:
         raise VolumeShapeError(f"{path}: volume has shape {data.shape}; expected three non-empty axes")
-    if not np.isfinite(data).all():
-        raise NonFiniteValuesError(f"{path}: volume holds NaN or infinite values")
+    zooms = [round(float(z), 6) for z in decoded.zooms[:3]]
+    if reorient:
+        current = orientations.io_orientation(decoded.affine)
+        transform = orientations.ornt_transform(current, orientations.axcodes2ornt(DISPLAY_AXCODES))
+        data = orientations.apply_orientation(data, transform)  # views: flips, then a transpose
+        permuted = [0.0, 0.0, 0.0]
+        for axis, (target, _) in enumerate(transform):  # file axis `axis` becomes axis `target`
+            permuted[int(target)] = zooms[axis]
+        zooms = permuted
     # (x, y, z) = (W, H, D) -> (D, H, W)
-    return CTScan(np.ascontiguousarray(data.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0]))
+    ordered = data.transpose(2, 1, 0)
+    volume = rescaled_float32(ordered, decoded.slope, decoded.intercept, out=np.empty(ordered.shape, np.float32))
+    if not decoded.finite and not np.isfinite(volume).all():
+        raise NonFiniteValuesError(f"{path}: volume holds NaN or infinite values")
+    return CTScan(volume, (zooms[2], zooms[1], zooms[0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,10 +449,8 @@ def _pixels_in_hu(item: _Slice) -> np.ndarray:
     return np.asarray(apply_modality_lut(stored, dataset), dtype=np.float32)
 
 
-def _dicom_image(files: Iterator[_File], where: Path, series: str | None):
-    """One series of ``files`` as a NIfTI image (RAS affine) in the file axes (column, row, slice)."""
-    import nibabel as nib
-
+def _dicom_image(files: Iterator[_File], where: Path, series: str | None) -> _FileVolume:
+    """One series of ``files`` as NIfTI would hold it: file axes (column, row, slice), RAS affine."""
     groups, skipped = _read_headers(files, where)
     if skipped and groups:
         log.info("%s: %d file(s) that are not DICOM images were ignored (e.g. %s)", where, len(skipped), Path(skipped[0]).name)
@@ -430,4 +466,5 @@ def _dicom_image(files: Iterator[_File], where: Path, series: str | None):
     affine_lps[:3, 2] = step
     affine_lps[:3, 3] = slices[0].position
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
-    return nib.Nifti1Image(np.ascontiguousarray(volume.transpose(2, 1, 0)), affine_ras)
+    zooms = (column_spacing, row_spacing, float(np.linalg.norm(step)))
+    return _FileVolume(volume.transpose(2, 1, 0), 1.0, 0.0, affine_ras, zooms)

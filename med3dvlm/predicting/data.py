@@ -92,8 +92,21 @@ class VolumeReader(Dataset):
 def collate_volumes(items: list[tuple[PendingInput, torch.Tensor | BadInput, float]]) -> VolumeBatch:
     good = [(item, volume, seconds) for item, volume, seconds in items if isinstance(volume, torch.Tensor)]
     bad = [volume for _, volume, _ in items if isinstance(volume, BadInput)]
-    volumes = torch.stack([volume for _, volume, _ in good]) if good else None
+    volumes = stack_for_transfer([volume for _, volume, _ in good]) if good else None
     return VolumeBatch([item for item, _, _ in good], volumes, [seconds for _, _, seconds in good], bad)
+
+
+def stack_for_transfer(volumes: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, in a DataLoader worker straight into shared memory (as PyTorch's own
+    ``default_collate`` does): the batch then reaches the main process without another copy."""
+    from torch.utils.data import get_worker_info
+
+    out = None
+    if get_worker_info() is not None:
+        first = volumes[0]
+        storage = first._typed_storage()._new_shared(len(volumes) * first.numel(), device=first.device)
+        out = first.new(storage).resize_(len(volumes), *first.shape)
+    return torch.stack(volumes, out=out)
 
 
 def share_of_rank(pending: Sequence[PendingInput], rank: int, world_size: int) -> list[PendingInput]:
@@ -157,7 +170,11 @@ class PredictionDataModule(L.LightningDataModule):
         return batch
 
     def predict_dataloader(self) -> DataLoader:
+        from med3dvlm.api import import_readers
+
         pin = bool(self.trainer and self.trainer.strategy.root_device.type == "cuda")
+        if self.num_workers:
+            import_readers()  # once here, before the workers fork, not once in each
         return DataLoader(
             VolumeReader(self.local, self.image_size, self.preprocessing),
             batch_size=self.batch_size,
