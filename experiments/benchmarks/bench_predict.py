@@ -1,7 +1,7 @@
 """Volumes/s of batch inference (``python -m med3dvlm.predict``) against the one-volume Python loop.
 
     make bench
-    python experiments/benchmarks/bench_predict.py [--volumes 96] [--input-shape 64 128 128] [--workers 2]
+    python experiments/benchmarks/bench_predict.py [--volumes 384] [--input-shape 64 128 128] [--workers 2]
 
 The same raw CT goes through both ways in the same run: ``--volumes`` phantom cases written as HU
 NIfTI (``.nii.gz``, int16, RAS+ as converters write them) at ``--input-shape``, which the models'
@@ -11,7 +11,8 @@ recorded preprocessing windows and resizes to their volume size (``--model-shape
   tower, random weights), exported. The loop is ``model = load_model(dir)`` then
   ``model.embed_image(path)`` per volume (reading, preprocessing and the plain DCFormer in the main
   process, one at a time); predict is ``task=embed`` (DataLoader workers reading and preprocessing,
-  batches of ``--batch-size``, FastDCFormer on the CPU). Embeddings are compared.
+  batches of ``--batch-size``, predict's own default unless given, FastDCFormer on the CPU).
+  Embeddings are compared.
 * **report**: the stage-2 model of ``experiment=pretrain`` with ``llm=tiny`` (a random 4-layer Qwen2),
   ``describe(path)`` per volume against ``task=report`` (batched greedy generation, KV cache), both
   ``--new-tokens`` tokens at most; answers are compared.
@@ -21,14 +22,18 @@ its summary reports it (DataLoader start-up included, model load and Trainer set
 ``end to end`` column includes everything (model load, set-up) for these ``--volumes``. Best of
 ``--repeats`` interleaved rounds (each round's time is in the JSON).
 
-Why the ratio stays near 2x on two cores: both ways read every scan the same way (the ``.nii.gz``
-decompressed once, with ISA-L, ~8-10 ms a scan here, plus windowing and resizing), and reading is
-most of the loop's time per scan (the batch-of-one encoder is the rest). Predict spreads the reading
-over its two workers while the main process encodes, so it approaches (reading + batched encoding)
-/ 2 cores per scan: twice the loop, plus what batching saves on the encoder. More volumes (the
-DataLoader start-up amortised) raise it a little (``--volumes 384``). Run on an idle machine: with
-other jobs on the two cores the loop's two-thread encoder slows by up to 10x (threads spinning for
-cores they do not get), which inflates the ratio.
+Why the ratio sits just below 3x on two cores (nine runs: median 2.93, 2.76-3.90): both ways read
+every scan the same way (the ``.nii.gz`` inflated once by libdeflate, ~2.2 ms, then rescaled and
+reoriented in one pass, windowed and resized: ~5.5 ms a scan here), and reading is ~40 % of the
+loop's time per scan (its batch-of-one DCFormer on two threads, ~7.5 ms, the rest). Predict reads in
+its two workers while the main process encodes batches with FastDCFormer (~1.6 ms a scan on one
+thread), so it approaches (reading + batched encoding) / 2 cores per scan, less what two busy
+processes cost each other on these two vCPUs (one reading process: 6.3 ms a scan; two at once:
+7.5-9 ms each). A millisecond saved in reading speeds up both ways, so the ratio moves little with
+it; the loop's own speed moves most between runs (60-85 volumes/s, predict 216-238). More volumes
+amortise the DataLoader start-up (``--volumes 96`` gives a little less). Run on an idle machine:
+with other jobs on the two cores the loop's two-thread encoder slows by up to 10x (threads spinning
+for cores they do not get), which inflates the ratio.
 """
 
 from __future__ import annotations

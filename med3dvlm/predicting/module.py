@@ -6,7 +6,7 @@ module's child, so Lightning puts it on the rank's device). One ``predict_step``
 volumes at once: one encoder pass for ``embed`` / ``zero_shot``, one batched greedy generation (left
 padding, KV cache) for ``report`` / ``answer`` (every pending question of every volume of the batch).
 On a CPU a DCFormer is swapped for :class:`~med3dvlm.models.fast_encoder.FastDCFormer` (same outputs
-within 1e-5, 2.4-3.7x faster; ``fast_encoder=false`` keeps the plain module).
+within 1e-5, 2.4-3.7x faster at the paper's size; ``fast_encoder=false`` keeps the plain module).
 """
 
 from __future__ import annotations
