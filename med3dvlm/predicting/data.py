@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from med3dvlm.data.preprocessing import Preprocessing
 from med3dvlm.predicting.inputs import Question
@@ -92,21 +92,9 @@ class VolumeReader(Dataset):
 def collate_volumes(items: list[tuple[PendingInput, torch.Tensor | BadInput, float]]) -> VolumeBatch:
     good = [(item, volume, seconds) for item, volume, seconds in items if isinstance(volume, torch.Tensor)]
     bad = [volume for _, volume, _ in items if isinstance(volume, BadInput)]
-    volumes = stack_for_transfer([volume for _, volume, _ in good]) if good else None
+    # default_collate stacks straight into shared memory in a worker: no copy on the way to the model
+    volumes = default_collate([volume for _, volume, _ in good]) if good else None
     return VolumeBatch([item for item, _, _ in good], volumes, [seconds for _, _, seconds in good], bad)
-
-
-def stack_for_transfer(volumes: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack``, in a DataLoader worker straight into shared memory (as PyTorch's own
-    ``default_collate`` does): the batch then reaches the main process without another copy."""
-    from torch.utils.data import get_worker_info
-
-    out = None
-    if get_worker_info() is not None:
-        first = volumes[0]
-        storage = first._typed_storage()._new_shared(len(volumes) * first.numel(), device=first.device)
-        out = first.new(storage).resize_(len(volumes), *first.shape)
-    return torch.stack(volumes, out=out)
 
 
 def share_of_rank(pending: Sequence[PendingInput], rank: int, world_size: int) -> list[PendingInput]:
