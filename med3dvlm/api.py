@@ -76,7 +76,8 @@ def is_prepared_range(low: float, high: float) -> bool:
 def import_readers() -> None:
     """Import what reading an input needs (imported lazily elsewhere), so that processes forked
     afterwards, DataLoader workers, read at once instead of each importing it first (~0.7 s each)."""
-    import importlib
+    import gzip  # noqa: F401 - the fallback and general path
+    import importlib.util
 
     import nibabel.orientations  # noqa: F401
     import pydicom  # noqa: F401
@@ -85,11 +86,8 @@ def import_readers() -> None:
     import med3dvlm.data.preprocessing  # noqa: F401
     import med3dvlm.data.transforms  # noqa: F401 - MONAI's transforms
 
-    for name in ("deflate", "gzip"):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # deflate missing: the zlib fallback
-            pass
+    if importlib.util.find_spec("deflate") is not None:  # missing: the zlib fallback reads every file
+        import deflate  # noqa: F401
 
 
 def read_input(volume: VolumeLike | InputVolume, series: str | None = None, index: int = 0) -> InputVolume:
@@ -155,9 +153,10 @@ def model_input(
                 "load_model(..., preprocessing=Preprocessing(hu_window=(lower, upper)))"
             )
         array = preprocessing.apply(array[0], where=read.label)[np.newaxis]
-    if image_size is None or tuple(array.shape[1:]) == tuple(int(n) for n in image_size):
+    size = None if image_size is None else tuple(int(n) for n in image_size)
+    if size is None or tuple(array.shape[1:]) == size:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    return _resize_to(tuple(int(n) for n in image_size))({IMAGE_KEY: array})[IMAGE_KEY]
+    return _resize_to(size)({IMAGE_KEY: array})[IMAGE_KEY]
 
 
 @functools.lru_cache(maxsize=8)
