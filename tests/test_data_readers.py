@@ -154,24 +154,31 @@ def test_read_task_split_finds_each_file(tiny_m3d_root, task, split, expected_so
     assert {s.task for s in result.samples} == {task}
 
 
-@pytest.mark.parametrize("kind", ["nifti1", "nifti2", "big_endian", "two_gzip_members", "without_deflate"])
+@pytest.mark.parametrize(
+    "kind", ["nifti1", "nifti2", "big_endian", "extension", "no_scaling", "two_gzip_members", "without_deflate"]
+)
 def test_compressed_nifti_read_in_one_piece_equals_nibabels_own_read(kind, tmp_path, monkeypatch):
-    """``load_nifti_image`` decompresses a ``.nii.gz`` in memory (libdeflate when installed): the same
-    voxels, scaling and affine as ``nibabel.load`` for every NIfTI flavour a converter writes."""
+    """``read_stored_nifti`` decompresses a ``.nii.gz`` in memory (libdeflate when installed) and
+    views its voxels in place: the same voxels, scaling, affine and voxel sizes as ``nibabel.load``
+    for every NIfTI flavour a converter writes (a header extension moves where the voxels start)."""
     import gzip
     import sys
 
     import nibabel as nib
 
-    from med3dvlm.data.volumes import load_nifti_image
+    from med3dvlm.data.volumes import read_stored_nifti, rescaled_float32
 
     rng = np.random.default_rng(3)
     stored = rng.integers(-1024, 2000, size=(9, 7, 5)).astype(np.int16)
-    affine = np.diag([-0.7, -0.7, 2.5, 1.0])
+    affine = np.diag([-0.7, -0.8, 2.5, 1.0])
+    affine[:3, 3] = [10.0, -20.0, 30.0]
     image_class = nib.Nifti2Image if kind == "nifti2" else nib.Nifti1Image
     header = nib.Nifti1Header(endianness=">") if kind == "big_endian" else None
     image = image_class(stored, affine, header)
-    image.header.set_slope_inter(1.0, -1024.0)
+    if kind != "no_scaling":
+        image.header.set_slope_inter(1.0, -1024.0)
+    if kind == "extension":  # e.g. dcm2niix's or AFNI's, between the header and the voxels
+        image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"converted by a scanner tool " * 9))
     path = tmp_path / "scan.nii.gz"
     nib.save(image, path)
     first_field = gzip.decompress(path.read_bytes())[:4]
@@ -186,11 +193,58 @@ def test_compressed_nifti_read_in_one_piece_equals_nibabels_own_read(kind, tmp_p
     if kind == "without_deflate":
         monkeypatch.setitem(sys.modules, "deflate", None)  # the zlib fallback
     expected = nib.load(path)
-    read = load_nifti_image(path)
-    assert type(read) is type(expected)
-    np.testing.assert_array_equal(read.get_fdata(dtype=np.float32), expected.get_fdata(dtype=np.float32))
+    if kind == "extension":
+        assert expected.dataobj.offset > 352
+    read = read_stored_nifti(path)
+    assert read.stored.shape == expected.shape and read.stored.dtype == expected.get_data_dtype()
+    np.testing.assert_array_equal(
+        rescaled_float32(read.stored, read.slope, read.intercept), expected.get_fdata(dtype=np.float32)
+    )
     np.testing.assert_array_equal(read.affine, expected.affine)
-    assert read.get_fdata().min() < -1000  # the intercept is applied
+    assert read.zooms == expected.header.get_zooms()
+    assert rescaled_float32(read.stored, read.slope, read.intercept).min() < (-1000 if kind != "no_scaling" else 0)
+
+
+def test_compressed_nifti_voxels_are_held_once_while_reading(tmp_path):
+    """A CT of 512 x 512 x 600 is 300 MB of int16 once inflated; reading it must not hold a second
+    copy of those bytes (nibabel's ``from_bytes`` did: a ``BytesIO``, then the array; peak 2x)."""
+    import tracemalloc
+
+    import nibabel as nib
+
+    from med3dvlm.data.volumes import read_stored_nifti
+
+    stored = np.zeros((96, 96, 64), np.int16)  # compresses to almost nothing: the peak is the inflated copies
+    stored[20:70, 30:60, 10:50] = 40
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(stored, np.eye(4)), path)
+    tracemalloc.start()
+    try:
+        read = read_stored_nifti(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(read.stored, stored)
+    assert stored.nbytes <= peak < 1.3 * stored.nbytes
+
+
+def test_compressed_nifti_short_of_its_voxels_is_named(tmp_path):
+    """A ``.nii.gz`` whose gzip stream is sound but holds fewer voxels than its header states (cut
+    before compressing): an error naming the file and saying how much is missing, from both readers."""
+    import gzip
+
+    import nibabel as nib
+
+    from med3dvlm.data.ct import load_ct
+    from med3dvlm.data.errors import CorruptFileError
+
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), path)
+    body = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(body[:-2]))
+    for read in (load_volume, load_ct):
+        with pytest.raises(CorruptFileError, match=f"scan.nii.gz.*expected {len(body)} bytes .* holds {len(body) - 2}"):
+            read(path)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "wrong_crc", "wrong_size"])

@@ -22,15 +22,15 @@ its summary reports it (DataLoader start-up included, model load and Trainer set
 ``end to end`` column includes everything (model load, set-up) for these ``--volumes``. Best of
 ``--repeats`` interleaved rounds (each round's time is in the JSON).
 
-Why the ratio sits just below 3x on two cores (nine runs: median 2.93, 2.76-3.90): both ways read
-every scan the same way (the ``.nii.gz`` inflated once by libdeflate, ~2.2 ms, then rescaled and
-reoriented in one pass, windowed and resized: ~5.5 ms a scan here), and reading is ~40 % of the
-loop's time per scan (its batch-of-one DCFormer on two threads, ~7.5 ms, the rest). Predict reads in
-its two workers while the main process encodes batches with FastDCFormer (~1.6 ms a scan on one
-thread), so it approaches (reading + batched encoding) / 2 cores per scan, less what two busy
-processes cost each other on these two vCPUs (one reading process: 6.3 ms a scan; two at once:
-7.5-9 ms each). A millisecond saved in reading speeds up both ways, so the ratio moves little with
-it; the loop's own speed moves most between runs (60-85 volumes/s, predict 216-238). More volumes
+Why the ratio sits near 3x on two cores (13 runs: median 3.1, 2.92-3.81): both ways read every
+scan the same way (the ``.nii.gz`` inflated once by libdeflate, ~2.3 ms, its voxels viewed in place,
+rescaled and reoriented in one pass, windowed and resized: ~5.4 ms a scan here), and reading is
+~40 % of the loop's time per scan (its batch-of-one DCFormer on two threads, ~7.5 ms, the rest).
+Predict reads in its two workers while the main process encodes batches with FastDCFormer (~1.6 ms
+a scan on one thread), so it approaches (reading + batched encoding) / 2 cores per scan, less what
+two busy processes cost each other on these two vCPUs (one reading process: ~5.4 ms a scan; two at
+once: ~6.2 ms each). A millisecond saved in reading speeds up both ways, so the ratio moves little
+with it; the loop's own speed moves most between runs (62-83 volumes/s, predict 206-248). More volumes
 amortise the DataLoader start-up (``--volumes 96`` gives a little less). Run on an idle machine:
 with other jobs on the two cores the loop's two-thread encoder slows by up to 10x (threads spinning
 for cores they do not get), which inflates the ratio.

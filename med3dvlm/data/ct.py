@@ -134,15 +134,13 @@ class _FileVolume(NamedTuple):
 def _load_nifti(path: Path) -> _FileVolume:
     """The NIfTI at ``path`` decoded once into memory: a truncated file fails here with its name, and
     reorienting it (or reading it both ways, :func:`decode_nifti`) decodes nothing again."""
-    from med3dvlm.data.volumes import load_nifti_image, stored_values
+    from med3dvlm.data.volumes import read_stored_nifti
 
     try:
-        image = load_nifti_image(path)
-        stored, slope, intercept = stored_values(image)
+        stored, slope, intercept, affine, zooms = read_stored_nifti(path)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
         raise CorruptFileError(f"{path}: cannot read NIfTI volume ({type(exc).__name__}: {exc})") from exc
-    affine = np.asarray(image.affine, dtype=np.float64)
-    zooms = tuple(image.header.get_zooms())
+    affine = np.asarray(affine, dtype=np.float64)
     return _FileVolume(stored, slope, intercept, affine, zooms, _integers_scaled(stored, slope, intercept))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -92,7 +93,8 @@ def load_volume(path: str | os.PathLike) -> np.ndarray:
 
 
 def _decoded_in_memory(path: Path) -> np.ndarray:
-    return scaled_float32(load_nifti_image(path))
+    stored = read_stored_nifti(path)
+    return rescaled_float32(stored.stored, stored.slope, stored.intercept)
 
 
 # sizeof_hdr, the first field of a NIfTI header, tells NIfTI-1 (348) from NIfTI-2 (540)
@@ -131,21 +133,54 @@ def _gunzip(data: bytes) -> bytes | bytearray:
     return gzip.decompress(data)
 
 
-def load_nifti_image(path: str | os.PathLike):
-    """A nibabel image of the NIfTI at ``path``, a ``.nii.gz`` decompressed in one piece in memory
-    (faster than nibabel's streaming read); other files, and headers it does not know, as nibabel
-    opens them. Decoder errors propagate: callers name the file."""
+class StoredNifti(NamedTuple):
+    """A NIfTI as stored: the voxel array in the file's axes, the slope and intercept that turn it
+    into voxel values (nibabel's effective ``scl_*``), the affine and the voxel sizes."""
+
+    stored: np.ndarray
+    slope: float
+    intercept: float
+    affine: np.ndarray
+    zooms: tuple[float, ...]
+
+
+def read_stored_nifti(path: str | os.PathLike) -> StoredNifti:
+    """The NIfTI at ``path`` read into memory; a ``.nii.gz`` is decompressed in one piece (faster than
+    nibabel's streaming read) and its voxels are a view of the decompressed bytes.
+
+    nibabel's ``from_bytes`` would copy the voxels twice (into a ``BytesIO``, then into the array),
+    holding two copies at a time: 300 MB more for a 512 x 512 x 600 int16 CT, and page faults on
+    fresh memory for each scan. nibabel still parses the header and extensions, from the bytes
+    before the voxels, and says where they start, how they are stored and scaled. Other files, and
+    headers nibabel must identify itself, are read by ``nibabel.load``. Decoder errors propagate:
+    callers name the file."""
     path = Path(path)
     if not path.name.lower().endswith(".gz"):
-        return nib.load(path, mmap=False)
+        return _stored_from_image(nib.load(path, mmap=False))
     data = _gunzip(path.read_bytes())
     first_field = data[:4]  # sizeof_hdr, in the file's byte order
     image_class = _NIFTI_HEADER_SIZES.get(int.from_bytes(first_field, "little")) or _NIFTI_HEADER_SIZES.get(
         int.from_bytes(first_field, "big")
     )
     if image_class is None:
-        return nib.load(path, mmap=False)  # not NIfTI-1/2: nibabel says what it is, or why not
-    return image_class.from_bytes(data)
+        return _stored_from_image(nib.load(path, mmap=False))  # not NIfTI-1/2: nibabel says what it is, or why not
+    header_size = image_class.header_class.template_dtype.itemsize
+    probe = image_class.header_class(bytes(data[:header_size]), check=False)
+    # The header, the 4-byte extension flag and any extensions end where the voxels start.
+    prefix = bytes(data[: max(int(probe.get_data_offset()), header_size + 4)])
+    image = image_class.from_bytes(prefix)  # nibabel's own parse and checks; its proxy is never read
+    proxy = image.dataobj
+    count = int(np.prod(proxy.shape, dtype=np.int64))
+    needed = proxy.offset + count * proxy.dtype.itemsize
+    if needed > len(data):
+        raise ValueError(f"expected {needed} bytes of header and voxels, the file holds {len(data)}")
+    stored = np.ndarray(proxy.shape, proxy.dtype, buffer=data, offset=proxy.offset, order=proxy.order)
+    return StoredNifti(stored, float(proxy.slope), float(proxy.inter), image.affine, tuple(image.header.get_zooms()))
+
+
+def _stored_from_image(image) -> StoredNifti:
+    stored, slope, intercept = stored_values(image)
+    return StoredNifti(stored, slope, intercept, image.affine, tuple(image.header.get_zooms()))
 
 
 def stored_values(image) -> tuple[np.ndarray, float, float]:
